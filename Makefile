@@ -1,0 +1,35 @@
+# duration: `make demo` and `make test` work on a fresh machine with nothing set up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Commands the tools exec (uvicorn, moto_server, mlflow, hadolint) come from the venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)  ## create .venv and install the project with its test and spark extras
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,spark]'
+	touch $@
+
+demo: install  ## embedded stack -> synthetic months -> mlflow run -> one prediction per mode
+	$(PY) -m ops.demo
+
+test: install  ## the whole suite against real servers (started by the test session)
+	$(PY) -m pytest
+
+lint: install  ## ruff on the code, hadolint on the Dockerfiles
+	$(VENV)/bin/ruff check .
+	@files=$$(git ls-files '*Dockerfile' '*.Dockerfile'); \
+	if [ -n "$$files" ]; then $(VENV)/bin/hadolint $$files; fi
+
+bench: install  ## the benchmarks quoted in the README
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:  ## remove the venv, the embedded stack's state and generated data
+	rm -rf $(VENV) .stack data mlruns mlartifacts

@@ -1,0 +1,31 @@
+"""One settings object per process, read from the environment and a ``.env`` file."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+DEFAULT_MODEL_URI = "models:/duration@production"
+REGISTERED_MODEL_NAME = "duration"
+PRODUCTION_ALIAS = "production"
+PRODUCTION_STAGE = "Production"
+
+
+class Settings(BaseSettings):
+    """Configuration shared by training and every serving mode (contract: ARCHITECTURE.md)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    mlflow_tracking_uri: str = Field(DEFAULT_TRACKING_URI,
+                                     description="MLflow tracking server the model comes from.")
+    model_uri: str = Field(DEFAULT_MODEL_URI, description="Model served by every mode.")
+    predictions_stream_name: str = Field("ride_predictions",
+                                         description="Kinesis stream prediction events go to.")
+    kinesis_endpoint_url: str | None = Field(None,
+                                             description="Kinesis endpoint; unset = real AWS.")
+
+
+def get_settings() -> Settings:
+    """Settings read now from the environment (and ``.env``), not at import time."""
+    return Settings()

@@ -1,0 +1,50 @@
+"""Typed errors shared by every mode; adapters map them to HTTP codes or dead letters."""
+
+from __future__ import annotations
+
+
+class DurationError(Exception):
+    """Base error: carries a stable machine-readable code and an HTTP status."""
+
+    error_code = "INTERNAL_ERROR"
+    status_code = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        """The JSON body every adapter renders: ``{"error_code", "message"}``."""
+        return {"error_code": self.error_code, "message": self.message}
+
+
+class InvalidInput(DurationError):
+    """A ride (or a request around it) that cannot be scored: the client's fault."""
+
+    error_code = "INVALID_PARAMETER_VALUE"
+    status_code = 400
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class PayloadTooLarge(InvalidInput):
+    """A request with more rows or bytes than the service accepts."""
+
+    error_code = "PAYLOAD_TOO_LARGE"
+    status_code = 413
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A request body in a content type the endpoint does not speak."""
+
+    error_code = "UNSUPPORTED_MEDIA_TYPE"
+    status_code = 415
+
+
+class ModelNotReady(DurationError):
+    """No model is loaded yet (or it failed to load)."""
+
+    error_code = "MODEL_NOT_READY"
+    status_code = 503

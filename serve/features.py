@@ -1,0 +1,145 @@
+"""Ride validation and feature building: pure, vectorized, no I/O.
+
+A ride is ``{"PULocationID": int 1..265, "DOLocationID": int 1..265,
+"trip_distance": float >= 0}``. The model features follow the MLOps Zoomcamp
+course: ``PU_DO = f"{PULocationID}_{DOLocationID}"`` and ``trip_distance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from serve.errors import InvalidInput
+
+RIDE_COLUMNS = ("PULocationID", "DOLocationID", "trip_distance")
+LOCATION_COLUMNS = ("PULocationID", "DOLocationID")
+MIN_LOCATION, MAX_LOCATION = 1, 265
+MIN_MINUTES, MAX_MINUTES = 1.0, 60.0
+# Pair key = PU * KEY_BASE + DO; a dense lookup table of this size maps a pair to its column.
+KEY_BASE = MAX_LOCATION + 1
+
+
+@dataclass(frozen=True)
+class Rides:
+    """Validated ride columns as numpy arrays, the form every predictor takes."""
+
+    pu: np.ndarray  # int64
+    do: np.ndarray  # int64
+    distance: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.distance)
+
+
+def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Integer location ids and a per-row 'bad' mask (wrong type, not integral, out of range)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        ints = arr.astype(np.int64, copy=False)
+        bad = np.zeros(len(ints), dtype=bool)
+    else:
+        # Floats (a column with nulls) and objects (JSON mixes) are accepted when integral.
+        nums = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
+        if arr.dtype == object:
+            # bools and numeric strings are not location ids, even though they coerce.
+            kinds = np.fromiter(
+                (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                 for v in arr),
+                dtype=bool, count=len(arr),
+            )
+            nums[~kinds] = np.nan
+        bad = ~np.isfinite(nums) | (nums != np.round(nums))
+        ints = np.where(bad, 0, nums).astype(np.int64)
+    bad |= (ints < MIN_LOCATION) | (ints > MAX_LOCATION)
+    return ints, bad
+
+
+def _as_distance(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float distances and a per-row 'bad' mask (not a number, negative, non-finite)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iuf":
+        dist = arr.astype(np.float64, copy=False)
+    else:
+        dist = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
+        if arr.dtype == object:
+            kinds = np.fromiter(
+                (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                 for v in arr),
+                dtype=bool, count=len(arr),
+            )
+            dist[~kinds] = np.nan
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(dist) | (dist < 0)
+    return dist, bad
+
+
+def check_rides(df: pd.DataFrame) -> tuple[Rides, np.ndarray]:
+    """Parse ride columns row by row without raising.
+
+    Returns the parsed columns (bad rows hold placeholders) and an array of
+    reasons: ``""`` for a valid row, else a message naming the first bad field.
+    A missing column makes every row invalid.
+    """
+    n = len(df)
+    reasons = np.full(n, "", dtype=object)
+    missing = [c for c in RIDE_COLUMNS if c not in df.columns]
+    if missing:
+        reasons[:] = f"missing field: {missing[0]}"
+        zeros = np.zeros(n, dtype=np.int64)
+        return Rides(zeros, zeros, np.zeros(n)), reasons
+    pu, pu_bad = _as_locations(df["PULocationID"].to_numpy(), "PULocationID")
+    do, do_bad = _as_locations(df["DOLocationID"].to_numpy(), "DOLocationID")
+    dist, dist_bad = _as_distance(df["trip_distance"].to_numpy())
+    # Assign in reverse so that the first bad field in RIDE_COLUMNS order wins.
+    reasons[dist_bad] = "trip_distance must be a finite number >= 0"
+    reasons[do_bad] = f"DOLocationID must be an integer in {MIN_LOCATION}..{MAX_LOCATION}"
+    reasons[pu_bad] = f"PULocationID must be an integer in {MIN_LOCATION}..{MAX_LOCATION}"
+    return Rides(pu, do, np.where(dist_bad, 0.0, dist)), reasons
+
+
+def validate_rides(df: pd.DataFrame) -> Rides:
+    """Parse ride columns, raising :class:`InvalidInput` naming the first bad field and row."""
+    for col in RIDE_COLUMNS:
+        if col not in df.columns:
+            raise InvalidInput(f"missing field: {col!r} (a ride needs {', '.join(RIDE_COLUMNS)})",
+                               field=col)
+    rides, reasons = check_rides(df)
+    bad = np.flatnonzero(reasons != "")
+    if len(bad):
+        row = int(bad[0])
+        field = str(reasons[row]).split(" ", 1)[0]
+        value = df[field].iloc[row]
+        raise InvalidInput(f"row {row}: {reasons[row]}, got {value!r}", field=field)
+    return rides
+
+
+def ride_durations(pickup: pd.Series, dropoff: pd.Series) -> np.ndarray:
+    """Ride duration in minutes from pickup and dropoff timestamps."""
+    return (dropoff - pickup).dt.total_seconds().to_numpy(dtype=np.float64) / 60.0
+
+
+def duration_mask(minutes: np.ndarray) -> np.ndarray:
+    """Rows kept for training and evaluation: 1 <= minutes <= 60."""
+    with np.errstate(invalid="ignore"):
+        return (minutes >= MIN_MINUTES) & (minutes <= MAX_MINUTES)
+
+
+def pair_keys(rides: Rides) -> np.ndarray:
+    """Integer key of the PU_DO pair, the vectorized stand-in for the string feature."""
+    return rides.pu * KEY_BASE + rides.do
+
+
+def ride_dicts(df: pd.DataFrame) -> list[dict]:
+    """Course-style feature dicts (``PU_DO`` string + ``trip_distance``), used to fit the
+    DictVectorizer and by the course-style baselines; never on a serving path."""
+    pu_do = df["PULocationID"].astype(str) + "_" + df["DOLocationID"].astype(str)
+    return pd.DataFrame({"PU_DO": pu_do, "trip_distance": df["trip_distance"]}).to_dict(
+        orient="records"
+    )

@@ -1,0 +1,90 @@
+"""Resolving and loading registered models: every mode serves a version it can name.
+
+``models:/duration@production`` and ``models:/duration/Production`` are moving
+targets; :func:`resolve_model` pins them to one registered version first and
+the model is then loaded from that pinned URI, so the version a mode reports is
+always the version it predicts with.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from serve.errors import ModelNotReady
+
+log = logging.getLogger(__name__)
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version (or an unregistered model, version ``None``)."""
+
+    uri: str  # what was asked for
+    pinned_uri: str  # what is loaded: models:/name/version, or the uri itself
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pyfunc model with the registry facts about it."""
+
+    pyfunc: object
+    ref: ModelRef
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def version(self) -> str:
+        """Registered version, or the run id / ``local`` for unregistered models."""
+        return self.ref.version or self.ref.run_id or "local"
+
+    @property
+    def python_model(self):
+        """The ``RideDurationModel`` inside (for the fast, pandas-free paths)."""
+        return self.pyfunc.unwrap_python_model()
+
+
+def resolve_model(uri: str, client: MlflowClient | None = None) -> ModelRef:
+    """Pin ``models:/name@alias``, ``models:/name/Stage`` or ``models:/name/N`` to a version."""
+    m = _REGISTRY_URI.match(uri)
+    if not m:
+        return ModelRef(uri=uri, pinned_uri=uri)
+    client = client or MlflowClient()
+    name, alias, ref = m["name"], m["alias"], m["ref"]
+    if alias:
+        mv = client.get_model_version_by_alias(name, alias)
+    elif ref.isdigit():
+        mv = client.get_model_version(name, ref)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            versions = client.get_latest_versions(name, stages=[ref])
+        if not versions:
+            raise MlflowException(f"no version of model {name!r} is in stage {ref!r}")
+        mv = versions[0]
+    return ModelRef(uri=uri, pinned_uri=f"models:/{name}/{mv.version}", name=name,
+                    version=str(mv.version), run_id=mv.run_id)
+
+
+def load_model(uri: str, client: MlflowClient | None = None) -> LoadedModel:
+    """Resolve ``uri`` to a version and load it as pyfunc; raises ModelNotReady on failure."""
+    t0 = time.perf_counter()
+    try:
+        ref = resolve_model(uri, client)
+        pyfunc = mlflow.pyfunc.load_model(ref.pinned_uri)
+    except (MlflowException, OSError) as e:
+        raise ModelNotReady(f"cannot load model {uri!r}: {e}") from e
+    log.info("loaded %s (version %s) in %.2f s", uri, ref.version, time.perf_counter() - t0)
+    return LoadedModel(pyfunc=pyfunc, ref=ref)

@@ -1,0 +1,130 @@
+"""Reading TLC trip months from a local path, ``s3://`` or ``https://``, through one code path.
+
+Every reader goes through :func:`open_parquet`, which returns a
+``pyarrow.parquet.ParquetFile``: local files directly, S3 objects through
+pyarrow's S3 filesystem (endpoint from ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` / ``MLFLOW_S3_ENDPOINT_URL``, so MinIO or moto work
+unchanged) and HTTP(S) files (the public TLC URLs) downloaded once into a
+cache folder with a progress bar, since parquet needs random access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from serve.errors import InvalidInput
+from serve.features import RIDE_COLUMNS, check_rides, duration_mask, ride_durations
+
+log = logging.getLogger(__name__)
+
+TLC_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data/{taxi}_tripdata_{month}.parquet"
+PICKUP_COLUMNS = ("lpep_pickup_datetime", "tpep_pickup_datetime", "pickup_datetime")
+DROPOFF_COLUMNS = ("lpep_dropoff_datetime", "tpep_dropoff_datetime", "dropoff_datetime")
+
+
+def tlc_url(taxi: str, month: str) -> str:
+    """The public URL of a TLC month, e.g. ``tlc_url("green", "2021-01")``."""
+    return TLC_URL.format(taxi=taxi, month=month)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem honouring the usual endpoint/region environment variables."""
+    endpoint = (os.getenv("AWS_ENDPOINT_URL_S3") or os.getenv("AWS_ENDPOINT_URL")
+                or os.getenv("MLFLOW_S3_ENDPOINT_URL"))
+    region = os.getenv("AWS_REGION") or os.getenv("AWS_DEFAULT_REGION") or "us-east-1"
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region,
+                             allow_bucket_creation=False)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path behind a local path or an ``s3://`` URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}"
+    if parsed.scheme in ("", "file"):
+        return pafs.LocalFileSystem(), str(Path(parsed.path if parsed.scheme else uri).resolve())
+    raise InvalidInput(f"unsupported location {uri!r}: use a local path, s3:// or https://")
+
+
+def cache_dir() -> Path:
+    """Where downloaded months are kept (``DURATION_CACHE`` or ``~/.cache/duration``)."""
+    return Path(os.getenv("DURATION_CACHE", Path.home() / ".cache" / "duration"))
+
+
+def download(url: str, dest_dir: Path | None = None) -> Path:
+    """Download ``url`` once into the cache (atomic rename) with a progress bar on a terminal."""
+    import requests
+    from tqdm import tqdm
+
+    dest_dir = dest_dir or cache_dir()
+    name = Path(urlparse(url).path).name or "download"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    dest = dest_dir / f"{digest}-{name}"
+    if dest.exists():
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    log.info("downloading %s", url)
+    with requests.get(url, stream=True, timeout=(10, 60)) as resp:
+        if resp.status_code != 200:
+            raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
+        total = int(resp.headers.get("content-length", 0)) or None
+        with open(tmp, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, desc=name,
+                                         disable=not sys.stderr.isatty()) as bar:
+            for chunk in resp.iter_content(chunk_size=1 << 20):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    tmp.replace(dest)
+    return dest
+
+
+def open_parquet(uri: str) -> pq.ParquetFile:
+    """Open a parquet file from a local path, ``s3://`` URI or ``http(s)://`` URL."""
+    if urlparse(uri).scheme in ("http", "https"):
+        uri = str(download(uri))
+    fs, path = resolve(uri)
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except FileNotFoundError as e:
+        raise InvalidInput(f"no such file: {uri}") from e
+
+
+def time_columns(schema: pa.Schema) -> tuple[str, str]:
+    """Pickup and dropoff column names of a TLC schema (green ``lpep_*``, yellow ``tpep_*``)."""
+    names = set(schema.names)
+    pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
+    dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
+    if pickup is None or dropoff is None:
+        raise InvalidInput(f"not a TLC trip file: no pickup/dropoff datetime columns in "
+                           f"{sorted(names)}")
+    return pickup, dropoff
+
+
+def read_training_frame(uri: str) -> pd.DataFrame:
+    """Rides of one month with their ``duration`` (minutes), filtered as the course does.
+
+    Keeps rows with 1 <= duration <= 60 and valid ride fields.
+    """
+    pf = open_parquet(uri)
+    pickup, dropoff = time_columns(pf.schema_arrow)
+    df = pf.read(columns=[*RIDE_COLUMNS, pickup, dropoff]).to_pandas()
+    minutes = ride_durations(df[pickup], df[dropoff])
+    _, reasons = check_rides(df)
+    keep = duration_mask(minutes) & (reasons == "")
+    out = df.loc[keep, list(RIDE_COLUMNS)].reset_index(drop=True)
+    out["PULocationID"] = out["PULocationID"].astype(np.int64)
+    out["DOLocationID"] = out["DOLocationID"].astype(np.int64)
+    out["duration"] = minutes[keep]
+    log.info("%s: %d rows, %d kept (1 <= minutes <= 60, valid rides)", uri, len(df), len(out))
+    return out

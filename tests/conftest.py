@@ -1,0 +1,163 @@
+"""Session fixtures: the real parts the tests run against.
+
+* ``tracking_server``: a real ``mlflow server`` process (sqlite + local artifacts,
+  ``--serve-artifacts``) on a free port; sets ``MLFLOW_TRACKING_URI``.
+* ``months``: small synthetic TLC months (train, val, held-out test).
+* ``registered_model``: the default model trained on ``months`` and registered as
+  ``duration`` (version 1, alias ``production``). Tests that move aliases must use
+  their own registered model name, so they do not disturb the others.
+* ``moto``: a ``moto_server`` process, the S3 and Kinesis endpoint.
+* ``postgres``: the machine's PostgreSQL (started if stopped) with a test role and
+  database; yields a SQLAlchemy URL.
+
+Everything is polled for readiness with a bound; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ops.procs import free_port, http_ok, port_open, start, stop, wait_for
+from ops.stackctl import embedded_server_cmd, server_env
+from ops.synth import write_month
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+# Subprocesses (mlflow models serve execs `uvicorn`) must find the venv's commands.
+os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+@dataclass(frozen=True)
+class Months:
+    """Paths of the synthetic months used by the tests."""
+
+    train: Path
+    val: Path
+    test: Path
+
+
+@pytest.fixture(scope="session")
+def months(tmp_path_factory) -> Months:
+    d = tmp_path_factory.mktemp("data")
+    return Months(
+        train=write_month("green", "2021-01", 60_000, d / "green_tripdata_2021-01.parquet", 0),
+        val=write_month("green", "2021-02", 40_000, d / "green_tripdata_2021-02.parquet", 1),
+        test=write_month("green", "2021-03", 40_000, d / "green_tripdata_2021-03.parquet", 2),
+    )
+
+
+@dataclass
+class TrackingServer:
+    """A running ``mlflow server``: its URI, home folder and process."""
+
+    uri: str
+    home: Path
+    proc: subprocess.Popen
+    port: int
+
+    def log_text(self) -> str:
+        return (self.home / "server.log").read_text(errors="replace")
+
+
+def start_tracking_server(home: Path, port: int | None = None) -> TrackingServer:
+    """Start an embedded-mode tracking server in ``home`` and wait until it is healthy."""
+    port = port or free_port()
+    cmd = embedded_server_cmd(home, "127.0.0.1", port)
+    proc = start(cmd, home / "server.log", env=server_env())
+    uri = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(f"{uri}/health"), "mlflow server", timeout=120, proc=proc)
+    return TrackingServer(uri=uri, home=home, proc=proc, port=port)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    import mlflow
+
+    server = start_tracking_server(tmp_path_factory.mktemp("mlflow"))
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    mlflow.set_tracking_uri(server.uri)
+    yield server
+    stop(server.proc.pid)
+
+
+@pytest.fixture(scope="session")
+def registered_model(tracking_server, months) -> dict:
+    """Version 1 of ``duration``, production, trained in-process on ``months``."""
+    from train import run_training
+
+    summary = run_training(str(months.train), str(months.val))
+    assert summary["promoted"], summary
+    return summary
+
+
+@dataclass(frozen=True)
+class Moto:
+    """A running moto_server: its endpoint and the (fake) credentials clients use."""
+
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = start([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=proc)
+    yield Moto(endpoint)
+    stop(proc.pid)
+
+
+def _pg_ready(host: str = "127.0.0.1", port: int = 5432) -> bool:
+    return port_open(host, port) and subprocess.run(
+        ["pg_isready", "-h", host, "-p", str(port)], capture_output=True).returncode == 0
+
+
+def ensure_postgres_running() -> None:
+    """Start the machine's PostgreSQL service if it is not accepting connections."""
+    if _pg_ready():
+        return
+    if shutil.which("service"):
+        subprocess.run(["service", "postgresql", "start"], capture_output=True)
+    wait_for(_pg_ready, "postgresql", timeout=60)
+
+
+def psql_as_superuser(sql: str) -> str:
+    """Run SQL as the postgres superuser (peer auth over the local socket)."""
+    cmd = ["psql", "-v", "ON_ERROR_STOP=1", "-tAc", sql]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """SQLAlchemy URL of a fresh test database owned by a fresh role."""
+    ensure_postgres_running()
+    user, password = "duration_test", secrets.token_hex(12)
+    db = f"duration_test_{secrets.token_hex(4)}"
+    psql_as_superuser(
+        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='{user}') THEN "
+        f"CREATE ROLE {user} LOGIN; END IF; END$$; ALTER ROLE {user} PASSWORD '{password}';")
+    psql_as_superuser(f"CREATE DATABASE {db} OWNER {user}")
+    yield f"postgresql+psycopg2://{user}:{password}@127.0.0.1:5432/{db}"
+    psql_as_superuser(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")

@@ -1,0 +1,244 @@
+"""Train the ride-duration model on a TLC month, register it, promote it if it wins.
+
+    python train.py --train data/green_tripdata_2021-01.parquet \
+                    --val data/green_tripdata_2021-02.parquet
+    mlflow run . --env-manager local -P train=... -P val=...
+
+``--train``/``--val`` take a local path, an ``s3://`` URI or an ``https://``
+URL (the public TLC files). The logged model is a pyfunc that takes raw rides;
+it is registered as ``duration`` and becomes production (alias ``production``
+and stage ``Production``) only if its validation RMSE beats the current
+production version's RMSE on the same validation data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from serve.config import PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME, get_settings
+from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
+from serve.model import RideDurationModel
+from serve.tlc import read_training_frame
+
+log = logging.getLogger("train")
+
+# The files that make up the model's code: copied into the model so it loads anywhere.
+MODEL_CODE = ("__init__.py", "errors.py", "features.py", "model.py")
+
+
+def build_estimator(kind: str, n_estimators: int, max_depth: int, min_samples_leaf: int):
+    """The estimator behind the DictVectorizer: 'lr' (default) or 'rf'."""
+    if kind == "lr":
+        from sklearn.linear_model import LinearRegression
+
+        return LinearRegression()
+    if kind == "rf":
+        from sklearn.ensemble import RandomForestRegressor
+
+        return RandomForestRegressor(n_estimators=n_estimators, max_depth=max_depth or None,
+                                     min_samples_leaf=min_samples_leaf, n_jobs=-1, random_state=0)
+    raise click.BadParameter(f"model must be lr or rf, got {kind!r}")
+
+
+def fit_model(train_df: pd.DataFrame, estimator) -> RideDurationModel:
+    """Fit the course-style DictVectorizer + estimator, building features vectorized."""
+    from sklearn.feature_extraction import DictVectorizer
+
+    # The vocabulary only depends on which PU_DO pairs occur: fit it on the distinct pairs.
+    pairs = train_df[list(RIDE_COLUMNS)].drop_duplicates(["PULocationID", "DOLocationID"])
+    vectorizer = DictVectorizer().fit(ride_dicts(pairs))
+    model = RideDurationModel(vectorizer, estimator)
+    X = model.transform(validate_rides(train_df))
+    estimator.fit(X, train_df["duration"].to_numpy())
+    if hasattr(estimator, "n_jobs"):
+        estimator.n_jobs = 1  # thread start-up would cost ~150 ms per served call
+    return RideDurationModel(vectorizer, estimator)
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """RMSE and MAE in minutes."""
+    err = np.asarray(y_pred, dtype=np.float64) - y_true
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+
+
+@dataclass
+class Decision:
+    """Outcome of the promotion gate."""
+
+    promoted: bool
+    reason: str
+    champion_version: str | None = None
+    champion_rmse: float | None = None
+
+
+def champion_rmse(client, name: str, val_df: pd.DataFrame) -> tuple[str, float] | None:
+    """Current production version and its RMSE on ``val_df``, or None if there is none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
+    except MlflowException:
+        return None
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}")
+    pred = model.predict(val_df[list(RIDE_COLUMNS)])
+    return str(champion.version), scores(val_df["duration"].to_numpy(), pred)["rmse"]
+
+
+def promote_if_better(client, name: str, version: str, val_rmse: float,
+                      val_df: pd.DataFrame) -> Decision:
+    """Promote ``version`` when it beats the production version on the same validation data."""
+    champion = champion_rmse(client, name, val_df)
+    if champion is None:
+        decision = Decision(True, "first production version")
+    else:
+        champ_version, champ_rmse = champion
+        if val_rmse < champ_rmse:
+            decision = Decision(True, f"val_rmse {val_rmse:.4f} beats version {champ_version}'s "
+                                      f"{champ_rmse:.4f}", champ_version, champ_rmse)
+        else:
+            decision = Decision(False, f"val_rmse {val_rmse:.4f} does not beat version "
+                                       f"{champ_version}'s {champ_rmse:.4f} on the same "
+                                       f"validation data", champ_version, champ_rmse)
+    client.set_model_version_tag(name, version, "promotion",
+                                 "promoted" if decision.promoted else "rejected")
+    client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
+    if decision.promoted:
+        client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
+        with warnings.catch_warnings():  # stages are deprecated but still resolved by users
+            warnings.simplefilter("ignore", FutureWarning)
+            client.transition_model_version_stage(name, version, PRODUCTION_STAGE,
+                                                  archive_existing_versions=True)
+    return decision
+
+
+def model_code_dir(dest: Path) -> Path:
+    """A copy of just the model's code (``serve`` package subset) to ship inside the model."""
+    src = Path(__file__).resolve().parent / "serve"
+    pkg = dest / "serve"
+    pkg.mkdir(parents=True)
+    for name in MODEL_CODE:
+        shutil.copy2(src / name, pkg / name)
+    return pkg
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the model's code, for MLflow-built environments and images."""
+    import mlflow
+    import scipy
+    import sklearn
+
+    return [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
+            f"pandas=={pd.__version__}", f"numpy=={np.__version__}", f"scipy=={scipy.__version__}"]
+
+
+def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50,
+                 max_depth: int = 20, min_samples_leaf: int = 5, train_rows: int = 0,
+                 experiment: str = "duration", registered_model: str = REGISTERED_MODEL_NAME,
+                 seed: int = 0) -> dict:
+    """Train, log, register and gate one model; returns a summary dict."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
+    # Under `mlflow run` the run (and its experiment) is given to us: respect it.
+    if not os.getenv("MLFLOW_RUN_ID") and not os.getenv("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(experiment)
+
+    train_df = read_training_frame(train)
+    val_df = read_training_frame(val)
+    if train_rows and train_rows < len(train_df):
+        train_df = train_df.sample(n=train_rows, random_state=seed).reset_index(drop=True)
+    if train_df.empty or val_df.empty:
+        raise click.UsageError("no rows left after filtering: check --train/--val")
+
+    estimator = build_estimator(model, n_estimators, max_depth, min_samples_leaf)
+    with mlflow.start_run() as run:
+        mlflow.log_params({"model": model, "train": train, "val": val,
+                           "train_rows_limit": train_rows})
+        if model == "rf":
+            mlflow.log_params({"n_estimators": n_estimators, "max_depth": max_depth,
+                               "min_samples_leaf": min_samples_leaf})
+        log.info("fitting %s on %d rows", model, len(train_df))
+        ride_model = fit_model(train_df, estimator)
+        metrics = {"train_rows": len(train_df), "val_rows": len(val_df)}
+        for split, df in (("train", train_df), ("val", val_df)):
+            pred = ride_model.predict_frame(df)
+            for k, v in scores(df["duration"].to_numpy(), pred).items():
+                metrics[f"{split}_{k}"] = v
+        mlflow.log_metrics(metrics)
+        log.info("train_rmse=%.4f val_rmse=%.4f", metrics["train_rmse"], metrics["val_rmse"])
+
+        example = val_df[list(RIDE_COLUMNS)].head(3).reset_index(drop=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=ride_model,
+                code_paths=[str(model_code_dir(Path(tmp)))],
+                signature=infer_signature(example, ride_model.predict_frame(example)),
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                registered_model_name=registered_model,
+            )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        client.set_model_version_tag(registered_model, version, "val_rmse",
+                                     f"{metrics['val_rmse']:.6f}")
+        decision = promote_if_better(client, registered_model, version, metrics["val_rmse"],
+                                     val_df)
+        mlflow.set_tags({"promoted": str(decision.promoted).lower(),
+                         "promotion_reason": decision.reason,
+                         "registered_version": version})
+        if decision.promoted:
+            log.info("version %s of %r is now production: %s", version, registered_model,
+                     decision.reason)
+        else:
+            log.warning("version %s of %r NOT promoted: %s", version, registered_model,
+                        decision.reason)
+    return {"run_id": run.info.run_id, "version": version, "promoted": decision.promoted,
+            "reason": decision.reason, **metrics}
+
+
+@click.command()
+@click.option("--train", "train", required=True,
+              help="Training month: local path, s3:// URI or https:// URL of a TLC parquet file.")
+@click.option("--val", "val", required=True, help="Validation month, same forms as --train.")
+@click.option("--model", type=click.Choice(["lr", "rf"]), default="lr", show_default=True,
+              help="Estimator: linear regression or random forest.")
+@click.option("--n-estimators", type=float, default=50, show_default=True,
+              help="rf: number of trees.")
+@click.option("--max-depth", type=float, default=20, show_default=True,
+              help="rf: maximum tree depth (0 = unlimited).")
+@click.option("--min-samples-leaf", type=float, default=5, show_default=True,
+              help="rf: minimum samples per leaf.")
+@click.option("--train-rows", type=float, default=0, show_default=True,
+              help="Train on a random sample of this many rows (0 = all).")
+@click.option("--experiment", default="duration", show_default=True,
+              help="Experiment for runs not started by `mlflow run`.")
+@click.option("--registered-model", default=REGISTERED_MODEL_NAME, show_default=True,
+              help="Registered model name.")
+def main(train, val, model, n_estimators, max_depth, min_samples_leaf, train_rows, experiment,
+         registered_model):
+    """Train on one TLC month, validate on another, register and gate the model."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    summary = run_training(train, val, model, int(n_estimators), int(max_depth),
+                           int(min_samples_leaf), int(train_rows), experiment, registered_model)
+    click.echo(f"run {summary['run_id']}: version {summary['version']} "
+               f"val_rmse={summary['val_rmse']:.4f} "
+               f"{'promoted' if summary['promoted'] else 'not promoted'} ({summary['reason']})")
+
+
+if __name__ == "__main__":
+    main()
