@@ -115,6 +115,7 @@ def main() -> None:
         log.info("tracking server: %s", uri)
         train, val = demo.data()
         demo.train(train, val)
+        # One prediction per mode; each step prints its own result line.
         minutes = demo.mlflow_models_serve()
         print(f"\nmlflow models serve  models:/duration/Production  {json.dumps(SAMPLE_RIDE)}"
               f"  ->  {minutes:.2f} minutes\n", flush=True)

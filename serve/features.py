@@ -7,6 +7,8 @@ course: ``PU_DO = f"{PULocationID}_{DOLocationID}"`` and ``trip_distance``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,17 @@ class Rides:
         return len(self.distance)
 
 
+def _is_number(v) -> bool:
+    """A JSON/numpy number that is not a boolean."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_))
+
+
+def _numbers_mask(arr: np.ndarray) -> np.ndarray:
+    """Per-element 'is a real number' for an object array (bools and strings are not)."""
+    return np.fromiter((_is_number(v) for v in arr), dtype=bool, count=len(arr))
+
+
 def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Integer location ids and a per-row 'bad' mask (wrong type, not integral, out of range)."""
     arr = np.asarray(values)
@@ -43,16 +56,11 @@ def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray
     else:
         # Floats (a column with nulls) and objects (JSON mixes) are accepted when integral.
         nums = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
-            dtype=np.float64, na_value=np.nan
+            dtype=np.float64, na_value=np.nan, copy=True
         )
         if arr.dtype == object:
             # bools and numeric strings are not location ids, even though they coerce.
-            kinds = np.fromiter(
-                (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-                 for v in arr),
-                dtype=bool, count=len(arr),
-            )
-            nums[~kinds] = np.nan
+            nums[~_numbers_mask(arr)] = np.nan
         bad = ~np.isfinite(nums) | (nums != np.round(nums))
         ints = np.where(bad, 0, nums).astype(np.int64)
     bad |= (ints < MIN_LOCATION) | (ints > MAX_LOCATION)
@@ -66,15 +74,10 @@ def _as_distance(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray
         dist = arr.astype(np.float64, copy=False)
     else:
         dist = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
-            dtype=np.float64, na_value=np.nan
+            dtype=np.float64, na_value=np.nan, copy=True
         )
         if arr.dtype == object:
-            kinds = np.fromiter(
-                (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-                 for v in arr),
-                dtype=bool, count=len(arr),
-            )
-            dist[~kinds] = np.nan
+            dist[~_numbers_mask(arr)] = np.nan
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(dist) | (dist < 0)
     return dist, bad
@@ -118,6 +121,53 @@ def validate_rides(df: pd.DataFrame) -> Rides:
         value = df[field].iloc[row]
         raise InvalidInput(f"row {row}: {reasons[row]}, got {value!r}", field=field)
     return rides
+
+
+def parse_ride(record) -> tuple[int, int, float]:
+    """One ride from a decoded JSON object, pandas-free; raises InvalidInput naming the field.
+
+    Same rules as :func:`check_rides`: integral location ids in range, finite distance >= 0,
+    booleans and strings rejected, extra keys ignored.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidInput(f"a ride must be a JSON object with {', '.join(RIDE_COLUMNS)}, "
+                           f"got {type(record).__name__}")
+    values = []
+    for col in LOCATION_COLUMNS:
+        if col not in record:
+            raise InvalidInput(f"missing field: {col!r}", field=col)
+        v = record[col]
+        if not _is_number(v) or not math.isfinite(v) or v != int(v) or not (
+                MIN_LOCATION <= v <= MAX_LOCATION):
+            raise InvalidInput(f"{col} must be an integer in {MIN_LOCATION}..{MAX_LOCATION}, "
+                               f"got {v!r}", field=col)
+        values.append(int(v))
+    if "trip_distance" not in record:
+        raise InvalidInput("missing field: 'trip_distance'", field="trip_distance")
+    d = record["trip_distance"]
+    if not _is_number(d) or not math.isfinite(d) or d < 0:
+        raise InvalidInput(f"trip_distance must be a finite number >= 0, got {d!r}",
+                           field="trip_distance")
+    return values[0], values[1], float(d)
+
+
+def rides_from_records(records: Sequence) -> tuple[Rides, list[str]]:
+    """Parse decoded JSON rides without pandas; bad ones get a reason and placeholder values.
+
+    Returns the rides (all rows, placeholders where bad) and one reason per row
+    (``""`` when valid), so that one bad record never fails the others.
+    """
+    n = len(records)
+    pu = np.ones(n, dtype=np.int64)
+    do = np.ones(n, dtype=np.int64)
+    dist = np.zeros(n, dtype=np.float64)
+    reasons = [""] * n
+    for i, record in enumerate(records):
+        try:
+            pu[i], do[i], dist[i] = parse_ride(record)
+        except InvalidInput as e:
+            reasons[i] = e.message
+    return Rides(pu, do, dist), reasons
 
 
 def ride_durations(pickup: pd.Series, dropoff: pd.Series) -> np.ndarray:
