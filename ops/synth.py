@@ -49,7 +49,7 @@ HOURLY_RIDES = np.array(
     [2, 1.5, 1, .8, .7, 1, 2.5, 4.5, 5.5, 5, 4.5, 4.5, 5, 5, 5.5, 6, 6.5, 7, 7, 6.5, 5.5, 5, 4, 3]
 )
 HOURLY_SPEED = np.array(
-    [20, 21, 22, 22, 22, 20, 16, 12, 10, 11, 12, 12, 12, 12, 11, 10, 9, 9, 10, 12, 14, 16, 18, 19]
+    [24, 25, 26, 26, 26, 24, 19, 14, 12, 13, 14, 14, 14, 14, 13, 12, 11, 11, 12, 14, 17, 19, 21, 23]
 )
 
 
@@ -58,9 +58,9 @@ class City:
 
     def __init__(self) -> None:
         rng = np.random.default_rng(CITY_SEED)
-        # Zones spread over a ~20 x 25 mile area, denser in the middle ("Manhattan").
-        centre = rng.normal(0, 1, (N_ZONES, 2)) * np.array([3.0, 4.5])
-        outer = rng.uniform(-10, 12, (N_ZONES, 2))
+        # Zones spread over a ~12 x 14 mile area, denser in the middle ("Manhattan").
+        centre = rng.normal(0, 1, (N_ZONES, 2)) * np.array([1.2, 2.0])
+        outer = rng.uniform(-6, 7, (N_ZONES, 2))
         is_core = rng.random(N_ZONES) < 0.35
         self.xy = np.where(is_core[:, None], centre, outer)
         pop = rng.pareto(1.2, N_ZONES) + 0.05
@@ -92,9 +92,9 @@ def synth_month(taxi: str, month: str, rows: int, seed: int = 0) -> pa.Table:
     pickup_s = np.sort(days * 86_400 + hours * 3_600 + secs)
     hours = (pickup_s // 3600) % 24
 
-    # Where: pickup by popularity; dropoff near the pickup half of the time.
+    # Where: pickup by popularity; dropoff near the pickup most of the time.
     pu = rng.choice(N_ZONES, n, p=city.popularity)
-    near = rng.random(n) < 0.5
+    near = rng.random(n) < 0.7
     do = np.where(near, city.neighbours[pu, rng.integers(0, city.neighbours.shape[1], n)],
                   rng.choice(N_ZONES, n, p=city.popularity))
     same = rng.random(n) < 0.08
