@@ -1,0 +1,290 @@
+"""Local runner: plays Lambda's Kinesis event source mapping on one machine.
+
+For every shard of the input stream it reads from the consumer's checkpoint
+(``TRIM_HORIZON`` the first time), builds events shaped exactly as AWS delivers
+them, calls the same handler the Lambda runs, honours ``batchItemFailures``
+(re-delivers from the lowest failed sequence number, bounded retries) and
+checkpoints after each handled batch with an atomic file write.
+
+At-least-once: a batch whose predictions were written but whose checkpoint was
+not (a crash in between) is handled again after a restart, so at most one batch
+per shard (``--batch-size`` records) may be predicted twice. Consumers dedupe on
+the partition key ``ride_id``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from serve.stream.app import Handler
+
+log = logging.getLogger(__name__)
+
+LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/duration-local-runner"
+
+
+class RetriesExhausted(RuntimeError):
+    """A batch kept failing: the shard stops at its checkpoint instead of skipping records."""
+
+
+# -- checkpoints --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoints:
+    """Last handled sequence number per shard, one small JSON file each."""
+
+    root: Path
+
+    def path(self, shard_id: str) -> Path:
+        """File holding the checkpoint of ``shard_id``."""
+        return self.root / f"{shard_id}.json"
+
+    def load(self, shard_id: str) -> str | None:
+        """The last handled sequence number, or None when the shard was never read."""
+        p = self.path(shard_id)
+        if not p.exists():
+            return None
+        return json.loads(p.read_text())["sequenceNumber"]
+
+    def save(self, shard_id: str, sequence_number: str) -> None:
+        """Write atomically (temp file + fsync + rename): a crash leaves the old or the new."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"sequenceNumber": sequence_number, "updatedAt": time.time()})
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{shard_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(shard_id))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def consumer_checkpoints(base: str | Path, consumer: str, stream: str) -> Checkpoints:
+    """Each consumer of each stream has its own checkpoints (1-to-many)."""
+    return Checkpoints(Path(base) / consumer / stream)
+
+
+# -- events -------------------------------------------------------------------------------
+def kinesis_event(records: list[Mapping], shard_id: str, stream_arn: str, region: str) -> dict:
+    """A Lambda Kinesis event from ``GetRecords`` records, shaped as AWS delivers it."""
+    out = []
+    for r in records:
+        seq = r["SequenceNumber"]
+        arrival = r.get("ApproximateArrivalTimestamp")
+        out.append({
+            "kinesis": {
+                "kinesisSchemaVersion": "1.0",
+                "partitionKey": r["PartitionKey"],
+                "sequenceNumber": seq,
+                "data": base64.b64encode(r["Data"]).decode("ascii"),
+                "approximateArrivalTimestamp": arrival.timestamp() if arrival else time.time(),
+            },
+            "eventSource": "aws:kinesis",
+            "eventVersion": "1.0",
+            "eventID": f"{shard_id}:{seq}",
+            "eventName": "aws:kinesis:record",
+            "invokeIdentityArn": LOCAL_ROLE_ARN,
+            "awsRegion": region,
+            "eventSourceARN": stream_arn,
+        })
+    return {"Records": out}
+
+
+def lowest_failure(response: Mapping) -> str | None:
+    """The lowest failed sequence number of a handler response (where Lambda resumes)."""
+    items = response.get("batchItemFailures") or []
+    seqs = [str(i["itemIdentifier"]) for i in items]
+    return min(seqs, key=int) if seqs else None
+
+
+# -- the loop -----------------------------------------------------------------------------
+@dataclass
+class ShardState:
+    """Where the runner is in one shard."""
+
+    shard_id: str
+    iterator: str | None = None
+    retries: int = 0
+    closed: bool = False
+
+
+@dataclass
+class RunStats:
+    """Totals of one run, logged at the end and returned to callers (tests, bench)."""
+
+    batches: int = 0
+    records: int = 0
+    failures: int = 0
+    per_shard: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Runner:
+    """Reads every shard of ``stream`` and feeds ``handler`` until ``stop`` is set."""
+
+    client: object  # a boto3 Kinesis client
+    handler: Handler
+    stream: str
+    checkpoints: Checkpoints
+    batch_size: int = 100
+    poll_interval: float = 0.2
+    max_retries: int = 3
+    retry_delay: float = 0.5
+    idle_exit: float | None = None  # stop after this many seconds without records
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def shards(self) -> list[str]:
+        """Shard ids of the stream (all pages)."""
+        ids, kwargs = [], {"StreamName": self.stream}
+        while True:
+            resp = self.client.list_shards(**kwargs)
+            ids += [s["ShardId"] for s in resp["Shards"]]
+            if not resp.get("NextToken"):
+                return ids
+            kwargs = {"NextToken": resp["NextToken"]}
+
+    def _iterator(self, shard_id: str, after: str | None = None, at: str | None = None) -> str:
+        kw = {"StreamName": self.stream, "ShardId": shard_id}
+        if at is not None:
+            kw.update(ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=at)
+        elif after is not None:
+            kw.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
+        else:
+            kw.update(ShardIteratorType="TRIM_HORIZON")
+        return self.client.get_shard_iterator(**kw)["ShardIterator"]
+
+    def step(self, shard: ShardState, stream_arn: str, region: str, stats: RunStats) -> int:
+        """Read and handle one batch of ``shard``; returns how many records it read."""
+        if shard.iterator is None:
+            shard.iterator = self._iterator(shard.shard_id,
+                                            after=self.checkpoints.load(shard.shard_id))
+        resp = self.client.get_records(ShardIterator=shard.iterator, Limit=self.batch_size)
+        records = resp["Records"]
+        if not records:
+            shard.iterator = resp.get("NextShardIterator")
+            shard.closed = shard.iterator is None  # a closed (resharded) shard is done
+            return 0
+        event = kinesis_event(records, shard.shard_id, self.stream_arn, region)
+        failed = lowest_failure(self.handler(event, None))
+        stats.batches += 1
+        if failed is None:
+            self.checkpoints.save(shard.shard_id, records[-1]["SequenceNumber"])
+            shard.iterator, shard.retries = resp.get("NextShardIterator"), 0
+            shard.closed = shard.iterator is None
+            stats.records += len(records)
+            stats.per_shard[shard.shard_id] = stats.per_shard.get(shard.shard_id, 0) + len(
+                records)
+            return len(records)
+        done = [r for r in records if int(r["SequenceNumber"]) < int(failed)]
+        if done:  # the records before the failure are handled: do not re-deliver them
+            self.checkpoints.save(shard.shard_id, done[-1]["SequenceNumber"])
+            shard.retries = 0
+            stats.records += len(done)
+        shard.retries += 1
+        stats.failures += 1
+        if shard.retries > self.max_retries:
+            raise RetriesExhausted(
+                f"{shard.shard_id}: record {failed} failed {shard.retries} times in a row; "
+                f"stopped at the checkpoint, fix the cause and restart")
+        log.warning("%s: batch failed from %s (retry %d/%d)", shard.shard_id, failed,
+                    shard.retries, self.max_retries)
+        self.stop.wait(self.retry_delay * shard.retries)
+        shard.iterator = self._iterator(shard.shard_id, at=failed)
+        return len(records)
+
+    def run(self) -> RunStats:
+        """Poll every shard round-robin until stopped (SIGTERM, ``stop`` or idle exit)."""
+        summary = self.client.describe_stream_summary(StreamName=self.stream)
+        self.stream_arn = summary["StreamDescriptionSummary"]["StreamARN"]
+        region = self.client.meta.region_name
+        shards = [ShardState(s) for s in self.shards()]
+        stats = RunStats()
+        idle_since = time.monotonic()
+        log.info("reading %s (%d shards) into the handler, checkpoints in %s", self.stream,
+                 len(shards), self.checkpoints.root)
+        while not self.stop.is_set():
+            read = 0
+            for shard in shards:
+                if not shard.closed and not self.stop.is_set():
+                    read += self.step(shard, self.stream_arn, region, stats)
+            if all(s.closed for s in shards):
+                break
+            if read:
+                idle_since = time.monotonic()
+            elif self.idle_exit is not None and time.monotonic() - idle_since >= self.idle_exit:
+                break
+            else:
+                self.stop.wait(self.poll_interval)
+        log.info("stopped: %d records in %d batches (%d failed batches)", stats.records,
+                 stats.batches, stats.failures)
+        return stats
+
+
+# -- CLI ----------------------------------------------------------------------------------
+@click.command()
+@click.option("--input-stream", required=True, help="Kinesis stream of ride events.")
+@click.option("--output-stream", required=True, help="Kinesis stream for prediction events.")
+@click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL",
+              help="Kinesis endpoint (moto_server, LocalStack); default: real AWS.")
+@click.option("--consumer", required=True,
+              help="Consumer name: each consumer keeps its own checkpoints (1-to-many).")
+@click.option("--model-uri", default=None,
+              help="Model to serve (default: MODEL_URI, models:/duration@production).")
+@click.option("--model-location", default=None,
+              help="Local MLflow model folder instead of --model-uri.")
+@click.option("--model-version", default=None,
+              help="Registered version of --model-location, reported in the events.")
+@click.option("--dead-letter", "dead_letter", default=None,
+              help="Dead-letter destination: a stream name or s3://bucket/prefix.")
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000),
+              help="Records per handler call (Lambda BatchSize).")
+@click.option("--checkpoint-dir", default=".stack/stream-checkpoints", show_default=True,
+              help="Folder of the per-consumer, per-shard checkpoints.")
+@click.option("--max-retries", default=3, show_default=True, type=click.IntRange(0),
+              help="Re-deliveries of a failing batch before the runner stops.")
+@click.option("--poll-interval", default=0.2, show_default=True, type=float,
+              help="Seconds to wait when no shard had records.")
+@click.option("--idle-exit", default=None, type=float,
+              help="Exit after this many seconds without records (default: run until SIGTERM).")
+@click.option("--test-run", is_flag=True, help="Dry run: predict, write nothing.")
+def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_location,
+        model_version, dead_letter, batch_size, checkpoint_dir, max_retries, poll_interval,
+        idle_exit, test_run) -> None:
+    """Run the streaming handler locally over every shard of INPUT_STREAM."""
+    import boto3
+
+    from serve.stream.app import StreamSettings, build_handler
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    overrides = {"predictions_stream_name": output_stream, "kinesis_endpoint_url": endpoint_url,
+                 "model_uri": model_uri, "model_location": model_location,
+                 "model_version": model_version, "dead_letter_destination": dead_letter,
+                 "test_run": test_run or None}
+    settings = StreamSettings(**{k: v for k, v in overrides.items() if v is not None})
+    runner = Runner(client=boto3.client("kinesis", endpoint_url=endpoint_url),
+                    handler=build_handler(settings), stream=input_stream,
+                    checkpoints=consumer_checkpoints(checkpoint_dir, consumer, input_stream),
+                    batch_size=batch_size, poll_interval=poll_interval,
+                    max_retries=max_retries, idle_exit=idle_exit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Finish the batch in hand, checkpoint it, then leave.
+        signal.signal(sig, lambda signum, frame: runner.stop.set())
+    try:
+        runner.run()
+    except RetriesExhausted as e:
+        raise click.ClickException(str(e)) from e
