@@ -106,7 +106,8 @@ def test_duration_filter_keeps_one_to_sixty_minutes():
 
 def _fitted(n: int = 2000, seed: int = 0) -> tuple[RideDurationModel, pd.DataFrame]:
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({"PULocationID": rng.integers(1, 20, n), "DOLocationID": rng.integers(1, 20, n),
+    df = pd.DataFrame({"PULocationID": rng.integers(1, 20, n),
+                       "DOLocationID": rng.integers(1, 20, n),
                        "trip_distance": rng.exponential(3, n).round(2)})
     dv = DictVectorizer()
     X = dv.fit_transform(ride_dicts(df))

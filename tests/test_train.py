@@ -1,0 +1,209 @@
+"""Training, registry and promotion against a real tracking server; MLflow-native serving."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import train
+from ops.procs import free_port, http_ok, start, stop, wait_for
+from serve.features import RIDE_COLUMNS
+from serve.tlc import read_training_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+RIDES = [{"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8},
+         {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 0.9},
+         {"PULocationID": 7, "DOLocationID": 260, "trip_distance": 11.5}]
+
+pytestmark = pytest.mark.integration
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus the experiment in-process runs selected."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    return {**env, **extra}
+
+
+def test_production_loads_by_alias_and_by_stage(registered_model, months):
+    by_alias = mlflow.pyfunc.load_model("models:/duration@production")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        by_stage = mlflow.pyfunc.load_model("models:/duration/Production")
+    df = pd.DataFrame(RIDES)
+    np.testing.assert_array_equal(by_alias.predict(df), by_stage.predict(df))
+    assert by_alias.metadata.get_input_schema().input_names() == list(RIDE_COLUMNS)
+    run = MlflowClient().get_run(registered_model["run_id"])
+    for key in ("train_rmse", "train_mae", "val_rmse", "val_mae", "train_rows", "val_rows"):
+        assert key in run.data.metrics, key
+    assert run.data.params["model"] == "lr"
+    assert run.data.metrics["val_rmse"] == pytest.approx(registered_model["val_rmse"])
+
+
+def test_model_loads_in_a_fresh_process_outside_the_repo(registered_model, tracking_server,
+                                                         tmp_path):
+    code = ("import mlflow, pandas as pd, json, sys; "
+            "m = mlflow.pyfunc.load_model('models:/duration@production'); "
+            f"print(json.dumps(m.predict(pd.DataFrame({RIDES!r})).tolist()))")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": tracking_server.uri}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    preds = [float(x) for x in out.stdout.strip().splitlines()[-1].strip("[]").split(",")]
+    local = mlflow.pyfunc.load_model("models:/duration@production").predict(pd.DataFrame(RIDES))
+    np.testing.assert_allclose(preds, local, rtol=0, atol=1e-12)
+
+
+def test_promotion_gate(tracking_server, months):
+    name = "duration-gate"
+    client = MlflowClient()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # promotion must not emit stage warnings
+        first = train.run_training(str(months.train), str(months.val), train_rows=300,
+                                   registered_model=name)
+        better = train.run_training(str(months.train), str(months.val), registered_model=name)
+        worse = train.run_training(str(months.train), str(months.val), train_rows=300, seed=1,
+                                   registered_model=name)
+    assert first["promoted"] and first["reason"] == "first production version"
+    assert better["promoted"] and better["val_rmse"] < first["val_rmse"]
+    assert not worse["promoted"] and "does not beat version" in worse["reason"]
+    assert client.get_model_version_by_alias(name, "production").version == better["version"]
+    versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
+    assert versions[better["version"]].current_stage == "Production"
+    assert versions[first["version"]].current_stage == "Archived"
+    assert versions[worse["version"]].current_stage == "None"
+    assert versions[worse["version"]].tags["promotion"] == "rejected"
+    assert versions[worse["version"]].tags["promotion_reason"] == worse["reason"]
+    assert versions[better["version"]].tags["promotion"] == "promoted"
+
+
+@pytest.fixture(scope="module")
+def mlflow_run_model(tracking_server, months):
+    """`mlflow run . --env-manager local` as a user runs it, registering `duration-cli`."""
+    name = "duration-cli"
+    res = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+         "--experiment-name", "duration-cli", "-P", f"train={months.train}",
+         "-P", f"val={months.val}", "-P", f"test={months.test}", "-P", f"registered_model={name}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=client_env(MLFLOW_TRACKING_URI=tracking_server.uri))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "promoted (first production version)" in res.stdout
+    return name
+
+
+def test_mlflow_run_logs_into_the_run_it_was_given(mlflow_run_model):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("duration-cli")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1  # train.py used the run `mlflow run` created, no second experiment
+    assert runs[0].data.tags["mlflow.project.entryPoint"] == "main"
+    assert {"val_rmse", "test_rmse", "test_rows"} <= set(runs[0].data.metrics)
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_run_model, tracking_server, tmp_path_factory):
+    """`mlflow models serve` on the alias and on the stage, started side by side."""
+    logs = tmp_path_factory.mktemp("serve")
+    procs, urls = [], {}
+    for uri in (f"models:/{mlflow_run_model}@production", f"models:/{mlflow_run_model}/Production"):
+        port = free_port()
+        procs.append(start([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri,
+                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                           logs / f"{port}.log", env=dict(os.environ)))
+        urls[uri] = f"http://127.0.0.1:{port}"
+    try:
+        for proc, url in zip(procs, urls.values(), strict=True):
+            wait_for(http_ok(f"{url}/ping"), f"mlflow models serve {url}", timeout=180, proc=proc)
+        yield urls
+    finally:
+        for proc in procs:
+            stop(proc.pid)
+
+
+def _bodies() -> list[tuple[str, str | dict]]:
+    cols = list(RIDE_COLUMNS)
+    return [
+        ("dataframe_records", {"dataframe_records": RIDES}),
+        ("dataframe_split", {"dataframe_split": {"columns": cols,
+                                                 "data": [[r[c] for c in cols] for r in RIDES]}}),
+        ("instances", {"instances": RIDES}),
+        ("inputs", {"inputs": RIDES}),
+        ("csv", "PULocationID,DOLocationID,trip_distance\n"
+                + "".join(f"{r['PULocationID']},{r['DOLocationID']},{r['trip_distance']}\n"
+                          for r in RIDES)),
+    ]
+
+
+@pytest.mark.parametrize(("form", "body"), _bodies(), ids=[b[0] for b in _bodies()])
+def test_mlflow_models_serve_answers_every_form(served, form, body):
+    local = mlflow.pyfunc.load_model(next(iter(served))).predict(pd.DataFrame(RIDES)).tolist()
+    for url in served.values():
+        if form == "csv":
+            resp = requests.post(f"{url}/invocations", data=body,
+                                 headers={"Content-Type": "text/csv"}, timeout=30)
+        else:
+            resp = requests.post(f"{url}/invocations", json=body, timeout=30)
+        assert resp.status_code == 200, resp.text
+        np.testing.assert_allclose(resp.json()["predictions"], local, rtol=0, atol=1e-12)
+
+
+def test_mlflow_models_serve_rejects_a_ride_without_a_field(served):
+    for url in served.values():
+        ride = {"PULocationID": 43, "trip_distance": 1.8}
+        resp = requests.post(f"{url}/invocations", json={"dataframe_records": [ride]}, timeout=30)
+        assert 400 <= resp.status_code < 500
+        assert "DOLocationID" in resp.json()["message"]
+
+
+@pytest.fixture
+def http_file_server(months):
+    """A local HTTP server for the data folder: stands in for the public TLC URLs."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(months.train.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_training_months_read_from_local_s3_and_https_alike(months, moto, http_file_server,
+                                                            monkeypatch, tmp_path):
+    for key, value in moto.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DURATION_CACHE", str(tmp_path / "cache"))
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="tlc-months")
+    s3.upload_file(str(months.val), "tlc-months", f"trip-data/{months.val.name}")
+    local = read_training_frame(str(months.val))
+    via_s3 = read_training_frame(f"s3://tlc-months/trip-data/{months.val.name}")
+    via_https = read_training_frame(f"{http_file_server}/{months.val.name}")
+    pd.testing.assert_frame_equal(local, via_s3)
+    pd.testing.assert_frame_equal(local, via_https)
+
+
+def test_train_cli_reads_urls_and_reports_the_gate(tracking_server, months, http_file_server,
+                                                    monkeypatch, tmp_path):
+    monkeypatch.setenv("DURATION_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(train.main, [
+        "--train", f"{http_file_server}/{months.train.name}", "--val", str(months.val),
+        "--train-rows", "2000", "--registered-model", "duration-cli-url"])
+    assert res.exit_code == 0, res.output
+    assert "version 1 val_rmse=" in res.output
+    assert "promoted (first production version)" in res.output
