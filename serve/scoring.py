@@ -1,0 +1,222 @@
+"""The MLflow scoring protocol (``POST /invocations``) for the ride model, without the web layer.
+
+``mlflow models serve`` decodes every request with pandas and enforces the model
+signature before predicting. We answer the common requests (the four JSON forms
+holding well-typed rides) on a pandas-free fast path, and hand everything else
+(CSV, parquet, strings that MLflow coerces, ``index`` keys, odd shapes) to
+MLflow's own parser and the pyfunc model, so the bytes of every successful
+response are MLflow's by construction. What differs is the failure side: errors
+are ``{"error_code", "message"}`` with a 4xx status and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from serve.errors import DurationError, InvalidInput, UnsupportedMediaType
+from serve.features import MAX_LOCATION, MIN_LOCATION, RIDE_COLUMNS, Rides
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_CSV = "text/csv"
+CONTENT_TYPE_PARQUET = "application/vnd.apache.parquet"
+CONTENT_TYPES = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
+INPUT_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+PARAMS_KEY = "params"
+MAX_MESSAGE = 400  # MLflow echoes whole DataFrames into messages; clients need the gist
+
+
+class MalformedRequest(InvalidInput):
+    """A body that is not JSON/CSV at all, or JSON of the wrong shape."""
+
+    error_code = "MALFORMED_REQUEST"
+
+
+def media_type(content_type: str | None) -> str:
+    """The mime type of a Content-Type header, checked the way MLflow's scoring server does."""
+    if not content_type:
+        raise UnsupportedMediaType(f"missing Content-Type header; use one of {list(CONTENT_TYPES)}")
+    mime, *pairs = (p.strip() for p in content_type.split(";"))
+    params = {k.strip().lower(): v.strip() for k, _, v in (p.partition("=") for p in pairs if p)}
+    if params.get("charset", "utf-8").lower() != "utf-8":
+        raise UnsupportedMediaType(f"only UTF-8 bodies are supported, got charset "
+                                   f"{params['charset']!r}")
+    unexpected = sorted(set(params) - {"charset"})
+    if unexpected:
+        raise UnsupportedMediaType(f"unrecognized Content-Type parameters: {', '.join(unexpected)}")
+    mime = mime.lower()
+    if mime not in CONTENT_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {content_type!r} is not supported; use one of "
+                                   f"{list(CONTENT_TYPES)}")
+    return mime
+
+
+def decode_json(body: bytes) -> object:
+    """The decoded JSON body; MalformedRequest naming the position when it is not JSON."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as e:
+        raise MalformedRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") \
+            from e
+    except json.JSONDecodeError as e:
+        raise MalformedRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} "
+                               f"column {e.colno}") from e
+
+
+def _fast_ride(record) -> tuple[int, int, float] | None:
+    """A ride whose JSON types need no coercion, or None (then MLflow's rules decide)."""
+    if type(record) is not dict:
+        return None
+    pu = record.get("PULocationID")
+    do = record.get("DOLocationID")
+    d = record.get("trip_distance")
+    # type() is: bool is an int subclass and MLflow coerces it; leave that to MLflow.
+    if (type(pu) is int and type(do) is int and MIN_LOCATION <= pu <= MAX_LOCATION
+            and MIN_LOCATION <= do <= MAX_LOCATION and (type(d) is float or type(d) is int)
+            and 0 <= d < math.inf):
+        return pu, do, float(d)
+    return None
+
+
+def rides_from_rows(rows: list[tuple[int, int, float]]) -> Rides:
+    """Rides from parsed (PU, DO, distance) tuples."""
+    if len(rows) == 1:  # the common one-ride request: skip zip/list building
+        pu, do, d = rows[0]
+        return Rides(np.array([pu], dtype=np.int64), np.array([do], dtype=np.int64),
+                     np.array([d], dtype=np.float64))
+    pu, do, d = zip(*rows, strict=True)
+    return Rides(np.array(pu, dtype=np.int64), np.array(do, dtype=np.int64),
+                 np.array(d, dtype=np.float64))
+
+
+def _records(records: list) -> Rides | None:
+    if not records:
+        return None  # MLflow answers an empty frame with a schema error: let it word it
+    rows = []
+    for record in records:
+        ride = _fast_ride(record)
+        if ride is None:
+            return None
+        rows.append(ride)
+    return rides_from_rows(rows)
+
+
+def _split(data) -> Rides | None:
+    if type(data) is not dict or set(data) != {"columns", "data"}:
+        return None
+    columns, rows = data["columns"], data["data"]
+    if type(columns) is not list or type(rows) is not list or not all(
+            type(c) is str for c in columns) or len(set(columns)) != len(columns):
+        return None
+    width = len(columns)
+    if any(type(row) is not list or len(row) != width for row in rows):
+        return None
+    return _records([dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _columnar(data: dict) -> Rides | None:
+    cols = [data.get(c) for c in RIDE_COLUMNS]
+    if any(type(c) is not list for c in cols) or len({len(c) for c in cols}) != 1:
+        return None
+    return _records([dict(zip(RIDE_COLUMNS, row, strict=True)) for row in zip(*cols, strict=True)])
+
+
+def fast_rides(payload) -> Rides | None:
+    """Rides from a JSON scoring request when no MLflow coercion is involved, else None.
+
+    Accepts exactly one of the four input forms (plus ``params``, which the ride
+    model ignores as MLflow does) holding at least one ride with integer ids in
+    range and a finite distance >= 0.
+    """
+    if type(payload) is not dict:
+        return None
+    fmt = None
+    for key in payload:
+        if key in INPUT_FORMATS and fmt is None:
+            fmt = key
+        elif key != PARAMS_KEY:
+            return None
+    if fmt is None:
+        return None
+    data = payload[fmt]
+    if fmt == "dataframe_split":
+        rides = _split(data)
+    elif type(data) is list:
+        rides = _records(data)
+    elif type(data) is dict and fmt in ("instances", "inputs") and set(data) == set(RIDE_COLUMNS):
+        rides = _columnar(data)
+    else:
+        rides = None
+    return rides if rides is not None and len(rides) else None
+
+
+def encode_predictions(minutes: np.ndarray) -> bytes:
+    """``{"predictions": [...]}`` byte-for-byte as MLflow writes it (default separators)."""
+    return json.dumps({"predictions": minutes.tolist()}).encode()
+
+
+def _short(message: str) -> str:
+    """MLflow's message without the echoed DataFrame and never a traceback."""
+    message = message.split("Traceback (most recent call last)")[0].strip()
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " ..."
+
+
+def mlflow_rows(payload_or_body, mime: str, input_schema):
+    """Decode a request the way ``mlflow models serve`` does (pandas, schema-aware)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server as ss
+
+    try:
+        if mime == CONTENT_TYPE_JSON:
+            if not isinstance(payload_or_body, Mapping):
+                raise MalformedRequest(
+                    f"the body must be a JSON object with exactly one of {list(INPUT_FORMATS)}, "
+                    f"got {type(payload_or_body).__name__}")
+            keys = [k for k in payload_or_body if k in INPUT_FORMATS]
+            if len(keys) != 1:
+                raise MalformedRequest(
+                    f"the body must have exactly one of {list(INPUT_FORMATS)}, got keys "
+                    f"{sorted(payload_or_body)}")
+            return ss.infer_and_parse_data({keys[0]: payload_or_body[keys[0]]}, input_schema)
+        if mime == CONTENT_TYPE_CSV:
+            text = payload_or_body.decode("utf-8")
+            return ss.parse_csv_input(io.StringIO(text), schema=input_schema)
+        return ss.parse_parquet_input(io.BytesIO(payload_or_body))
+    except DurationError:
+        raise
+    except UnicodeDecodeError as e:
+        raise MalformedRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") \
+            from e
+    except MlflowException as e:
+        raise MalformedRequest(_short(e.message)) from e
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the client's body
+        raise MalformedRequest(f"cannot decode the {mime} body: {type(e).__name__}: "
+                               f"{_short(str(e))}") from e
+
+
+def mlflow_predict(pyfunc, data) -> tuple[np.ndarray, bytes]:
+    """Predict through the pyfunc model (signature enforcement included); minutes and the
+    response body encoded as MLflow encodes it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server as ss
+
+    try:
+        raw = pyfunc.predict(data)
+    except DurationError:
+        raise
+    except MlflowException as e:
+        raise InvalidInput(_short(e.message)) from e
+    except Exception as e:  # noqa: BLE001 - the body passed decoding but the model cannot use it
+        log.warning("prediction failed on a decoded request: %r", e)
+        raise InvalidInput(f"the input cannot be scored by this model: {type(e).__name__}: "
+                           f"{_short(str(e))}") from e
+    out = io.StringIO()
+    ss.predictions_to_json(raw, out)
+    return np.asarray(raw, dtype=np.float64), out.getvalue().encode()
