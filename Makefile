@@ -29,6 +29,7 @@ lint: install  ## ruff on the code, hadolint on the Dockerfiles
 	if [ -n "$$files" ]; then $(VENV)/bin/hadolint $$files; fi
 
 bench: install  ## the benchmarks quoted in the README
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)  # bench/online.py's load generator
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:  ## remove the venv, the embedded stack's state and generated data
