@@ -1,0 +1,96 @@
+"""Settings of ``ops/stack`` (environment, then ``.env``), and the secrets it keeps itself.
+
+Secrets that a local stack can invent (the local PostgreSQL role's password, the auth app's
+CSRF key) are generated once and kept in ``$STACK_HOME/secrets.json`` (mode 0600); secrets
+that only a person can choose (the auth admin password, a remote database's password) are
+required, and placeholders are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from serve.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+# Values nobody should run a server with; every value in .env.example is refused as well.
+PLACEHOLDERS = {"changeme", "change-me", "change_me", "password", "passwd", "secret", "admin",
+                "mlflow", "postgres", "test", "testing", "example", "xxx", "todo"}
+
+
+class StackSettings(Settings):
+    """Configuration of the tracking stack (see README, section stack)."""
+
+    stack_host: str = Field("127.0.0.1", description="Interface the tracking servers bind.")
+    stack_port: int = Field(5000, description="Tracking server port.")
+    stack_artifacts_port: int = Field(5001, description="Artifacts-only server port.")
+    stack_allowed_hosts: str | None = Field(
+        None, description="Host headers the servers accept (comma-separated; default loopback).")
+    stack_wait_seconds: float = Field(15.0, description="Bound on waiting for PostgreSQL or S3.")
+    stack_server_timeout: float = Field(180.0, description="Bound on a tracking server start.")
+    stack_moto_port: int = Field(0, description="Port of the local moto_server (0 = any free).")
+    stack_s3_bucket: str = Field("duration-mlflow", description="Bucket of the artifacts.")
+    stack_s3_prefix: str = Field("mlartifacts", description="Key prefix of the artifacts.")
+    mlflow_s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, AWS); unset = start a local moto_server.")
+    aws_access_key_id: str | None = Field(None, description="S3 key id of the server only.")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret, server only.")
+    aws_session_token: SecretStr | None = Field(None, description="S3 session token, optional.")
+    aws_default_region: str = Field("us-east-1", description="Region of the bucket.")
+    postgres_host: str = Field("127.0.0.1", description="PostgreSQL host (local = set up).")
+    postgres_port: int = Field(5432, description="PostgreSQL port.")
+    postgres_user: str = Field("mlflow", description="Role owning the MLflow database.")
+    postgres_password: SecretStr | None = Field(
+        None, description="Role password; unset + local host = generated once, kept 0600.")
+    postgres_db: str = Field("mlflow", description="Database of runs and the registry.")
+    mlflow_auth_admin_username: str = Field("admin", description="Basic-auth admin user.")
+    mlflow_auth_admin_password: SecretStr | None = Field(
+        None, description="Basic-auth admin password (--auth); placeholders are refused.")
+
+
+def example_values(path: Path = ROOT / ".env.example") -> set[str]:
+    """Every non-empty value in ``.env.example``: placeholders by definition."""
+    if not path.exists():
+        return set()
+    values = set()
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.strip().startswith("#") and value.strip():
+            values.add(value.strip().strip("'\""))
+    return values
+
+
+def is_placeholder(value: str | None) -> bool:
+    """Whether ``value`` is empty or a placeholder (a known one or any from .env.example)."""
+    if not value or not value.strip():
+        return True
+    v = value.strip()
+    return v.lower() in PLACEHOLDERS or v in example_values() or v.strip("<>") != v
+
+
+def _secrets_file(home: Path) -> Path:
+    return home / "secrets.json"
+
+
+def kept_secret(home: Path, name: str) -> str:
+    """A random secret generated on first use and kept in ``$STACK_HOME/secrets.json`` (0600)."""
+    path = _secrets_file(home)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if name not in data:
+        data[name] = secrets.token_urlsafe(24)
+        write_private(path, json.dumps(data, indent=1))
+    return data[name]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
