@@ -103,6 +103,17 @@ class Demo:
         resp.raise_for_status()
         return resp.json()["predictions"][0]
 
+    def online(self) -> dict:
+        """``python -m serve.web`` on the production alias; one ``POST /predict``."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        self.spawn("serve-web", [sys.executable, "-m", "serve.web", "--model-uri",
+                                 "models:/duration@production", "--port", str(port)],
+                   f"{url}/ready")
+        resp = requests.post(f"{url}/predict", json=SAMPLE_RIDE, timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo  %(message)s")
@@ -119,6 +130,10 @@ def main() -> None:
         minutes = demo.mlflow_models_serve()
         print(f"\nmlflow models serve  models:/duration/Production  {json.dumps(SAMPLE_RIDE)}"
               f"  ->  {minutes:.2f} minutes\n", flush=True)
+        online = demo.online()
+        print(f"\nonline serve.web     models:/duration@production  {json.dumps(SAMPLE_RIDE)}"
+              f"  ->  {online['duration']:.2f} minutes (version {online['model_version']})\n",
+              flush=True)
     log.info("stopped everything the demo started")
 
 
