@@ -380,7 +380,7 @@ def atomic_parquet(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     ok = False
     try:
         with fs.open_output_stream(tmp) as stream:
-            writer = pq.ParquetWriter(stream, schema)
+            writer = pq.ParquetWriter(stream, schema, use_dictionary=_dictionary_columns(schema))
             try:
                 yield writer
             finally:
@@ -392,6 +392,13 @@ def atomic_parquet(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     # Local: rename (atomic, replaces). S3: server-side copy then delete (readers see the
     # old object or the complete new one, never a partial one).
     fs.move(tmp, path)
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding: trying it on unique ids and floats triples the
+    write time for the same file size."""
+    return [n for n in ("PULocationID", "DOLocationID", "model_version", "reason")
+            if n in schema.names]
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
