@@ -119,6 +119,8 @@ def validate_rides(df: pd.DataFrame) -> Rides:
         row = int(bad[0])
         field = str(reasons[row]).split(" ", 1)[0]
         value = df[field].iloc[row]
+        # Messages show -1.0, not np.float64(-1.0).
+        value = value.item() if isinstance(value, np.generic) else value
         raise InvalidInput(f"row {row}: {reasons[row]}, got {value!r}", field=field)
     return rides
 
