@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import click
@@ -392,6 +393,23 @@ def atomic_parquet(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     # Local: rename (atomic, replaces). S3: server-side copy then delete (readers see the
     # old object or the complete new one, never a partial one).
     fs.move(tmp, path)
+
+
+def publish_file(local: Path, uri: str) -> None:
+    """Copy a finished local file to ``uri`` under a hidden temporary name, then move it."""
+    fs, path = _resolve(uri)
+    folder, _, name = path.rpartition("/")
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    clean_stale(uri)
+    if fs.type_name == "local":
+        fs.create_dir(folder, recursive=True)
+    try:
+        pafs.copy_files(str(local), tmp, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        fs.move(tmp, path)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
