@@ -91,10 +91,10 @@ def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict
     try:
         wait_for(ready, component, timeout=timeout, proc=proc)
     except (TimeoutError, RuntimeError) as e:
-        stop(proc.pid)
-        paths.pidfile(component).unlink(missing_ok=True)
         why = (f"exited with code {proc.returncode} while starting" if proc.poll() is not None
                else f"not ready after {timeout:.0f} s")
+        stop(proc.pid)
+        paths.pidfile(component).unlink(missing_ok=True)
         tail = paths.logfile(component).read_text(errors="replace").strip().splitlines()[-2:]
         raise click.ClickException(f"{component}: {why}; log {paths.logfile(component)}: "
                                    f"{' | '.join(ln.strip() for ln in tail)}") from e
@@ -391,8 +391,8 @@ def _shorten(record: logging.LogRecord) -> bool:
               help="embedded: sqlite + local artifact folder; production: PostgreSQL + S3.")
 @click.option("--host", default=None, help="Interface to bind [default: STACK_HOST or 127.0.0.1].")
 @click.option("--port", type=int, default=None,
-              help="Server port [default: STACK_PORT or 5000; with --artifacts-only "
-                   "STACK_ARTIFACTS_PORT or 5001].")
+              help="Server port, 0 = any free one [default: STACK_PORT or 5000; with "
+                   "--artifacts-only STACK_ARTIFACTS_PORT or 5001].")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="uvicorn workers (more than 1 stalls keep-alive responses ~40 ms here).")
 @click.option("--artifacts-only", is_flag=True,
@@ -408,7 +408,9 @@ def up(mode: str, host: str | None, port: int | None, workers: int, artifacts_on
     if auth and artifacts_only:
         raise click.UsageError("--auth applies to the tracking server, not --artifacts-only")
     host = host or cfg.stack_host
-    port = port or (cfg.stack_artifacts_port if artifacts_only else cfg.stack_port)
+    port = port if port is not None else (
+        cfg.stack_artifacts_port if artifacts_only else cfg.stack_port)
+    port = port or free_port(host)  # 0 = any free port
     uri = up_stack(stack_paths(), cfg, mode, host, port, workers, artifacts_only, auth)
     click.echo(f"{'MLFLOW_ARTIFACTS_URI' if artifacts_only else 'MLFLOW_TRACKING_URI'}={uri}")
 
