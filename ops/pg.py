@@ -45,7 +45,7 @@ def pg_ready(host: str = "127.0.0.1", port: int = 5432) -> bool:
 
 
 def ensure_postgres_running(host: str = "127.0.0.1", port: int = 5432,
-                            timeout: float = 20.0) -> None:
+                            timeout: float = 30.0) -> None:
     """Start the machine's PostgreSQL service if it is not accepting connections (bounded)."""
     if pg_ready(host, port):
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.procs import free_port, http_ok, port_open, start, stop, wait_for
+from ops.pg import ensure_postgres_running, psql_as_superuser
+from ops.procs import free_port, http_ok, start, stop, wait_for
 from ops.stackctl import embedded_server_cmd, server_env
 from ops.synth import write_month
 
@@ -125,28 +125,6 @@ def moto(tmp_path_factory):
     wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=proc)
     yield Moto(endpoint)
     stop(proc.pid)
-
-
-def _pg_ready(host: str = "127.0.0.1", port: int = 5432) -> bool:
-    return port_open(host, port) and subprocess.run(
-        ["pg_isready", "-h", host, "-p", str(port)], capture_output=True).returncode == 0
-
-
-def ensure_postgres_running() -> None:
-    """Start the machine's PostgreSQL service if it is not accepting connections."""
-    if _pg_ready():
-        return
-    if shutil.which("service"):
-        subprocess.run(["service", "postgresql", "start"], capture_output=True)
-    wait_for(_pg_ready, "postgresql", timeout=60)
-
-
-def psql_as_superuser(sql: str) -> str:
-    """Run SQL as the postgres superuser (peer auth over the local socket)."""
-    cmd = ["psql", "-v", "ON_ERROR_STOP=1", "-tAc", sql]
-    if os.geteuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="session")
