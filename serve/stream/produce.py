@@ -83,7 +83,7 @@ def produce(sink: KinesisSink, events: Sequence[dict], rate: float = 0,
             chunk: int = MAX_RECORDS, poison_every: int = 0) -> int:
     """Send ``events`` at ``rate`` records/s (0 = as fast as possible); returns records sent."""
     if rate:
-        chunk = max(1, min(chunk, int(rate / 20) or 1))  # ~20 calls/s keeps pacing smooth
+        chunk = max(1, min(chunk, int(rate / 10) or 1))  # ~10 calls/s keeps pacing smooth
     start, sent = time.monotonic(), 0
     for lo in range(0, len(events), chunk):
         if rate:  # pace against the schedule, not the previous call, so delays do not add up

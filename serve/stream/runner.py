@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,15 @@ class RunStats:
     records: int = 0
     failures: int = 0
     per_shard: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, shard_id: str, handled: int, failed: bool) -> None:
+        """Count one handler call (shard threads call this concurrently)."""
+        with self.lock:
+            self.batches += 1
+            self.records += handled
+            self.failures += failed
+            self.per_shard[shard_id] = self.per_shard.get(shard_id, 0) + handled
 
 
 @dataclass
@@ -146,6 +156,12 @@ class Runner:
     retry_delay: float = 0.5
     idle_exit: float | None = None  # stop after this many seconds without records
     stop: threading.Event = field(default_factory=threading.Event)
+    stream_arn: str = ""  # looked up by run()
+    # Lambda runs one invocation per shard concurrently. moto_server's PutRecords is not
+    # thread-safe (concurrent writes to one shard can take the same sequence number and
+    # overwrite each other), so handler calls are serialized unless asked otherwise.
+    parallel: bool = False
+    _handler_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def shards(self) -> list[str]:
         """Shard ids of the stream (all pages)."""
@@ -167,7 +183,7 @@ class Runner:
             kw.update(ShardIteratorType="TRIM_HORIZON")
         return self.client.get_shard_iterator(**kw)["ShardIterator"]
 
-    def step(self, shard: ShardState, stream_arn: str, region: str, stats: RunStats) -> int:
+    def step(self, shard: ShardState, region: str, stats: RunStats) -> int:
         """Read and handle one batch of ``shard``; returns how many records it read."""
         if shard.iterator is None:
             shard.iterator = self._iterator(shard.shard_id,
@@ -179,23 +195,20 @@ class Runner:
             shard.closed = shard.iterator is None  # a closed (resharded) shard is done
             return 0
         event = kinesis_event(records, shard.shard_id, self.stream_arn, region)
-        failed = lowest_failure(self.handler(event, None))
-        stats.batches += 1
+        with nullcontext() if self.parallel else self._handler_lock:
+            failed = lowest_failure(self.handler(event, None))
         if failed is None:
             self.checkpoints.save(shard.shard_id, records[-1]["SequenceNumber"])
             shard.iterator, shard.retries = resp.get("NextShardIterator"), 0
             shard.closed = shard.iterator is None
-            stats.records += len(records)
-            stats.per_shard[shard.shard_id] = stats.per_shard.get(shard.shard_id, 0) + len(
-                records)
+            stats.add(shard.shard_id, len(records), failed=False)
             return len(records)
         done = [r for r in records if int(r["SequenceNumber"]) < int(failed)]
         if done:  # the records before the failure are handled: do not re-deliver them
             self.checkpoints.save(shard.shard_id, done[-1]["SequenceNumber"])
             shard.retries = 0
-            stats.records += len(done)
+        stats.add(shard.shard_id, len(done), failed=True)
         shard.retries += 1
-        stats.failures += 1
         if shard.retries > self.max_retries:
             raise RetriesExhausted(
                 f"{shard.shard_id}: record {failed} failed {shard.retries} times in a row; "
@@ -206,31 +219,43 @@ class Runner:
         shard.iterator = self._iterator(shard.shard_id, at=failed)
         return len(records)
 
+    def _poll(self, shard: ShardState, region: str, stats: RunStats,
+              errors: list[BaseException]) -> None:
+        """One shard's loop: Lambda also runs one invocation per shard at a time, in order."""
+        idle_since = time.monotonic()
+        try:
+            while not self.stop.is_set() and not shard.closed:
+                if self.step(shard, region, stats):
+                    idle_since = time.monotonic()
+                elif self.idle_exit is not None and (
+                        time.monotonic() - idle_since >= self.idle_exit):
+                    return
+                else:
+                    self.stop.wait(self.poll_interval)
+        except BaseException as e:  # noqa: BLE001 - handed to run(), which re-raises it
+            errors.append(e)
+            self.stop.set()
+
     def run(self) -> RunStats:
-        """Poll every shard round-robin until stopped (SIGTERM, ``stop`` or idle exit)."""
+        """Poll every shard (one thread each) until stopped (SIGTERM, ``stop`` or idle exit)."""
         summary = self.client.describe_stream_summary(StreamName=self.stream)
         self.stream_arn = summary["StreamDescriptionSummary"]["StreamARN"]
         region = self.client.meta.region_name
         shards = [ShardState(s) for s in self.shards()]
-        stats = RunStats()
-        idle_since = time.monotonic()
+        stats, errors = RunStats(), []
         log.info("reading %s (%d shards) into the handler, checkpoints in %s", self.stream,
                  len(shards), self.checkpoints.root)
-        while not self.stop.is_set():
-            read = 0
-            for shard in shards:
-                if not shard.closed and not self.stop.is_set():
-                    read += self.step(shard, self.stream_arn, region, stats)
-            if all(s.closed for s in shards):
-                break
-            if read:
-                idle_since = time.monotonic()
-            elif self.idle_exit is not None and time.monotonic() - idle_since >= self.idle_exit:
-                break
-            else:
-                self.stop.wait(self.poll_interval)
+        threads = [threading.Thread(target=self._poll, args=(s, region, stats, errors),
+                                    name=s.shard_id, daemon=True) for s in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # short joins keep the main thread responsive to signals
+                t.join(0.2)
         log.info("stopped: %d records in %d batches (%d failed batches)", stats.records,
                  stats.batches, stats.failures)
+        if errors:
+            raise errors[0]
         return stats
 
 
@@ -260,10 +285,13 @@ class Runner:
               help="Seconds to wait when no shard had records.")
 @click.option("--idle-exit", default=None, type=float,
               help="Exit after this many seconds without records (default: run until SIGTERM).")
+@click.option("--parallel-shards/--serial-shards", default=False, show_default=True,
+              help="Call the handler for several shards at once, as Lambda does (real Kinesis);"
+                   " serial is required on moto_server, whose PutRecords is not thread-safe.")
 @click.option("--test-run", is_flag=True, help="Dry run: predict, write nothing.")
 def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_location,
         model_version, dead_letter, batch_size, checkpoint_dir, max_retries, poll_interval,
-        idle_exit, test_run) -> None:
+        idle_exit, parallel_shards, test_run) -> None:
     """Run the streaming handler locally over every shard of INPUT_STREAM."""
     import boto3
 
@@ -280,7 +308,7 @@ def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_lo
                     handler=build_handler(settings), stream=input_stream,
                     checkpoints=consumer_checkpoints(checkpoint_dir, consumer, input_stream),
                     batch_size=batch_size, poll_interval=poll_interval,
-                    max_retries=max_retries, idle_exit=idle_exit)
+                    max_retries=max_retries, idle_exit=idle_exit, parallel=parallel_shards)
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Finish the batch in hand, checkpoint it, then leave.
         signal.signal(sig, lambda signum, frame: runner.stop.set())
