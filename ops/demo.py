@@ -114,6 +114,17 @@ class Demo:
         resp.raise_for_status()
         return resp.json()
 
+    def batch(self, val: Path) -> dict:
+        """``python -m serve.batch`` on the validation month: predictions parquet + evaluation."""
+        import pyarrow.parquet as pq
+
+        out = self.run("serve-batch", [
+            sys.executable, "-m", "serve.batch", "--model-uri", "models:/duration@production",
+            "--input", str(val), "--month", "2021-02", "--output", str(HOME / "batch")])
+        result = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        first = pq.ParquetFile(result["predictions"]).read_row_group(0).slice(0, 1).to_pylist()[0]
+        return {**result, "first": first}
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo  %(message)s")
@@ -133,6 +144,14 @@ def main() -> None:
         online = demo.online()
         print(f"\nonline serve.web     models:/duration@production  {json.dumps(SAMPLE_RIDE)}"
               f"  ->  {online['duration']:.2f} minutes (version {online['model_version']})\n",
+              flush=True)
+        scored = demo.batch(val)
+        ride = scored["first"]
+        actual, metrics = ride["actual_duration"] or float("nan"), scored["metrics"]
+        print(f"\nbatch serve.batch     models:/duration@production  {val.name}  ->  ride "
+              f"{ride['ride_id']}: {ride['predicted_duration']:.2f} minutes (actual "
+              f"{actual:.2f}); {metrics['rows_scored']:,} rows scored, evaluation RMSE "
+              f"{metrics['rmse']:.2f} min (run {scored['run_id']} in duration-batch)\n",
               flush=True)
     log.info("stopped everything the demo started")
 

@@ -1,0 +1,1 @@
+"""Optional scheduler flows around the serving modes (their schedulers are not dependencies)."""
