@@ -125,6 +125,38 @@ class Demo:
         first = pq.ParquetFile(result["predictions"]).read_row_group(0).slice(0, 1).to_pylist()[0]
         return {**result, "first": first}
 
+    def stream(self) -> dict:
+        """moto_server as Kinesis; one ride in, the local runner once, the prediction event out."""
+        import boto3
+
+        from serve.stream.produce import ensure_stream, payloads, read_stream
+
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        self.spawn("moto-server", [str(Path(sys.executable).parent / "moto_server"), "-H",
+                                   "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/")
+        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        kinesis = boto3.client("kinesis", endpoint_url=endpoint, region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        for name in ("ride_events", "ride_predictions", "ride_dead_letters"):
+            ensure_stream(kinesis, name, 1)
+        kinesis.put_record(StreamName="ride_events", PartitionKey="256",
+                           Data=json.dumps({"ride": SAMPLE_RIDE, "ride_id": 256}))
+        checkpoints = HOME / "stream-checkpoints"
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a new moto starts at sequence 1 again
+        saved, self.env = self.env, {**self.env, **aws}  # fake credentials for this step only
+        try:
+            self.run("stream-runner", [
+                sys.executable, "-m", "serve.stream", "--input-stream", "ride_events",
+                "--output-stream", "ride_predictions", "--endpoint-url", endpoint,
+                "--consumer", "demo", "--model-uri", "models:/duration@production",
+                "--dead-letter", "ride_dead_letters", "--checkpoint-dir", str(checkpoints),
+                "--idle-exit", "1"])
+        finally:
+            self.env = saved
+        return payloads(read_stream(kinesis, "ride_predictions"))[0]
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo  %(message)s")
@@ -153,6 +185,9 @@ def main() -> None:
               f"{actual:.2f}); {metrics['rows_scored']:,} rows scored, evaluation RMSE "
               f"{metrics['rmse']:.2f} min (run {scored['run_id']} in duration-batch)\n",
               flush=True)
+        event = demo.stream()
+        print(f"\nstream serve.stream   models:/duration@production  ride_id 256 on Kinesis "
+              f"(moto)  ->  {json.dumps(event)}\n", flush=True)
     log.info("stopped everything the demo started")
 
 
