@@ -49,6 +49,15 @@ def test_month_input_and_names():
         (None, "2021-05")
 
 
+def test_prefect_flow_schedules_the_previous_month_without_prefect_installed():
+    import datetime as dt
+
+    from ops.flows.batch_flow import previous_month
+
+    assert previous_month(dt.date(2021, 1, 2)) == "2020-12"
+    assert previous_month(dt.date(2021, 3, 31)) == "2021-02"
+
+
 @pytest.fixture(scope="module")
 def ride_model(months):
     """A tiny real RideDurationModel (no registry needed)."""
@@ -263,7 +272,7 @@ def test_backfill_skips_done_months_unless_forced(tmp_path, months, model_uri, t
 
 
 def test_killed_run_leaves_no_output_and_rerun_completes(tmp_path, model_uri, tracking_server):
-    src = write_month("green", "2021-05", 1_500_000, tmp_path / "green_tripdata_2021-05.parquet",
+    src = write_month("green", "2021-05", 1_000_000, tmp_path / "green_tripdata_2021-05.parquet",
                       seed=5)
     out = tmp_path / "out"
     part = out / "taxi_type=green/year=2021/month=05"
@@ -295,4 +304,4 @@ def test_killed_run_leaves_no_output_and_rerun_completes(tmp_path, model_uri, tr
     assert sorted(p.name for p in part.iterdir()) == ["predictions.parquet"]
     meta = pq.ParquetFile(part / "predictions.parquet").metadata
     rejects = pq.ParquetFile(out / "_rejects" / part.relative_to(out) / "rejects.parquet")
-    assert meta.num_rows + rejects.metadata.num_rows == 1_500_000
+    assert meta.num_rows + rejects.metadata.num_rows == 1_000_000
