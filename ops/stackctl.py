@@ -72,22 +72,38 @@ def stack_paths() -> StackPaths:
     return StackPaths(Path(os.getenv("STACK_HOME", ".stack")).resolve())
 
 
-def read_pid(paths: StackPaths, component: str) -> int | None:
-    """The pid recorded for ``component`` if that process is still alive."""
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell it from a later process given the same pid)."""
     try:
-        pid = int(paths.pidfile(component).read_text().strip())
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pid(paths: StackPaths, component: str, pid: int) -> None:
+    """Record ``pid`` (and its start time) as ``component``'s."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    paths.pidfile(component).write_text(f"{pid} {_start_time(pid) or ''}".strip() + "\n")
+
+
+def read_pid(paths: StackPaths, component: str) -> int | None:
+    """The pid recorded for ``component`` if that very process is still alive."""
+    try:
+        pid_text, _, started = paths.pidfile(component).read_text().strip().partition(" ")
+        pid = int(pid_text)
         os.kill(pid, 0)
-        return pid
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
+    if started and _start_time(pid) not in (None, started):
+        return None  # the pid was reused by another process: not ours to stop
+    return pid
 
 
 def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict,
                     ready, timeout: float) -> int:
     """Start one component, record its pid, wait until ``ready()`` holds (bounded)."""
     proc = start(cmd, paths.logfile(component), env=env)
-    paths.run.mkdir(parents=True, exist_ok=True)
-    paths.pidfile(component).write_text(str(proc.pid))
+    write_pid(paths, component, proc.pid)
     try:
         wait_for(ready, component, timeout=timeout, proc=proc)
     except (TimeoutError, RuntimeError) as e:

@@ -22,7 +22,7 @@ import requests
 from ops.pg import drop_database_and_role, masked, store_uri
 from ops.procs import free_port, http_ok, start, stop, wait_for
 from ops.stackconfig import is_placeholder, write_private
-from ops.stackctl import default_allowed_hosts, server_cmd
+from ops.stackctl import StackPaths, default_allowed_hosts, read_pid, server_cmd, write_pid
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,15 @@ def test_server_command_carries_no_store_uri_and_allows_loopback_hosts():
     assert cmd[cmd.index("--allowed-hosts") + 1] == "h,h:*"
     assert default_allowed_hosts("10.0.0.5").split(",") == [
         "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "10.0.0.5", "10.0.0.5:*"]
+
+
+def test_a_reused_pid_is_not_ours(tmp_path):
+    paths = StackPaths(tmp_path)
+    write_pid(paths, "mlflow", os.getpid())
+    assert read_pid(paths, "mlflow") == os.getpid()
+    pid, started = paths.pidfile("mlflow").read_text().split()
+    paths.pidfile("mlflow").write_text(f"{pid} {int(started) + 1}")  # same pid, other process
+    assert read_pid(paths, "mlflow") is None
 
 
 def test_private_files_are_owner_only(tmp_path):
@@ -98,7 +107,7 @@ class Stack:
         return kept[f"postgres_password_{self.user}"]
 
     def pid(self, component: str) -> int:
-        return int((self.home / "run" / f"{component}.pid").read_text())
+        return int((self.home / "run" / f"{component}.pid").read_text().split()[0])
 
     def s3(self):
         """boto3 S3 client with the server's credentials (the moto ones)."""
