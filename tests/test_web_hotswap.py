@@ -28,20 +28,28 @@ RATE = 40  # requests/s, steady: well under capacity, so a stall would show as a
 
 @contextmanager
 def tracking_uri(uri: str):
-    """Point MLflow at ``uri`` for the block, then back at the session's server."""
-    import mlflow
+    """Point MLflow at ``uri`` for the block, then back at the session's server.
 
-    old = os.environ.get("MLFLOW_TRACKING_URI")
+    ``mlflow.set_experiment`` leaves the experiment id in ``MLFLOW_EXPERIMENT_ID`` (and a
+    module global); an id from the session's server means nothing on this one.
+    """
+    import mlflow
+    from mlflow.tracking import fluent
+
+    saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_experiment = fluent._active_experiment_id
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-        mlflow.set_tracking_uri(old)
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+        fluent._active_experiment_id = saved_experiment
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture(scope="module")
