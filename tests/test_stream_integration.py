@@ -183,3 +183,74 @@ def test_cli_dry_run_writes_nothing(aws, kinesis, ride_stream, registered_model,
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"stopped: {N_RIDES} records" in res.stderr
     assert read_stream(kinesis, out) == []
+
+
+class FlakyHandler:
+    """Reports ``fail_seq`` as failed ``times`` times (then succeeds); notes what it saw."""
+
+    def __init__(self, fail_seq: str, times: int):
+        self.fail_seq, self.times = fail_seq, times
+        self.seen: list[str] = []
+
+    def __call__(self, event, context):
+        seqs = [r["kinesis"]["sequenceNumber"] for r in event["Records"]]
+        self.seen += seqs
+        if self.fail_seq in seqs and self.times:
+            self.times -= 1
+            return {"batchItemFailures": [{"itemIdentifier": self.fail_seq}]}
+        return {"batchItemFailures": []}
+
+
+@pytest.fixture
+def small_stream(kinesis):
+    """A 1-shard stream of 30 records; returns (name, shard id, sequence numbers)."""
+    name = f"small-{secrets.token_hex(4)}"
+    ensure_stream(kinesis, name, 1)
+    seqs = [kinesis.put_record(StreamName=name, PartitionKey=str(i), Data=b"x")["SequenceNumber"]
+            for i in range(30)]
+    shard = kinesis.list_shards(StreamName=name)["Shards"][0]["ShardId"]
+    return name, shard, seqs
+
+
+def test_runner_redelivers_from_the_lowest_failure(kinesis, small_stream, tmp_path):
+    from serve.stream.runner import Checkpoints, Runner
+
+    name, shard, seqs = small_stream
+    handler = FlakyHandler(seqs[14], times=2)
+    cps = Checkpoints(tmp_path)
+    stats = Runner(kinesis, handler, name, cps, batch_size=10, idle_exit=0.2, retry_delay=0.01,
+                   max_retries=3).run()
+    # Batch 10..19 fails at 14; the re-delivery (from 14: 14..23) fails again, then passes.
+    # 10..13 are never re-delivered.
+    assert Counter(handler.seen) == {**dict.fromkeys(seqs, 1), **dict.fromkeys(seqs[14:24], 2),
+                                     **dict.fromkeys(seqs[14:20], 3)}
+    assert cps.load(shard) == seqs[-1] and stats.failures == 2 and stats.records == 30
+
+
+def test_runner_stops_at_the_checkpoint_when_retries_run_out(kinesis, small_stream, tmp_path):
+    from serve.stream.runner import Checkpoints, RetriesExhausted, Runner
+
+    name, shard, seqs = small_stream
+    cps = Checkpoints(tmp_path)
+    with pytest.raises(RetriesExhausted, match=seqs[14]):
+        Runner(kinesis, FlakyHandler(seqs[14], times=99), name, cps, batch_size=10,
+               idle_exit=0.2, retry_delay=0.01, max_retries=2).run()
+    assert cps.load(shard) == seqs[13]  # nothing at or after the failing record is skipped
+
+
+def test_runner_retries_a_batch_whose_handler_raised(kinesis, small_stream, tmp_path):
+    from serve.stream.runner import Checkpoints, Runner
+
+    name, shard, seqs = small_stream
+    calls = []
+
+    def handler(event, context):
+        calls.append(event["Records"][0]["kinesis"]["sequenceNumber"])
+        if len(calls) == 2:
+            raise RuntimeError("function error")
+        return {"batchItemFailures": []}
+
+    cps = Checkpoints(tmp_path)
+    Runner(kinesis, handler, name, cps, batch_size=10, idle_exit=0.2, retry_delay=0.01).run()
+    assert calls == [seqs[0], seqs[10], seqs[10], seqs[20]]  # the whole batch, again
+    assert cps.load(shard) == seqs[-1]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+from botocore.exceptions import ClientError
 
 from serve.stream.app import Handler
 
@@ -188,7 +189,18 @@ class Runner:
         if shard.iterator is None:
             shard.iterator = self._iterator(shard.shard_id,
                                             after=self.checkpoints.load(shard.shard_id))
-        resp = self.client.get_records(ShardIterator=shard.iterator, Limit=self.batch_size)
+        try:
+            resp = self.client.get_records(ShardIterator=shard.iterator, Limit=self.batch_size)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code == "ExpiredIteratorException":  # iterators live 5 minutes
+                shard.iterator = None  # resume from the checkpoint
+                return 0
+            if code == "ProvisionedThroughputExceededException":  # 5 reads/s per shard
+                log.warning("%s: read throttled, backing off", shard.shard_id)
+                self.stop.wait(1.0)
+                return 0
+            raise
         records = resp["Records"]
         if not records:
             shard.iterator = resp.get("NextShardIterator")
@@ -196,7 +208,12 @@ class Runner:
             return 0
         event = kinesis_event(records, shard.shard_id, self.stream_arn, region)
         with nullcontext() if self.parallel else self._handler_lock:
-            failed = lowest_failure(self.handler(event, None))
+            try:
+                failed = lowest_failure(self.handler(event, None))
+            except Exception:  # noqa: BLE001 - a function error: Lambda retries the whole batch
+                log.exception("%s: handler failed on a batch of %d", shard.shard_id,
+                              len(records))
+                failed = records[0]["SequenceNumber"]
         if failed is None:
             self.checkpoints.save(shard.shard_id, records[-1]["SequenceNumber"])
             shard.iterator, shard.retries = resp.get("NextShardIterator"), 0
