@@ -10,7 +10,7 @@
    achieved and the p50/p99 latency from the producer's timestamp in the ride
    event to the moment the prediction event is read back (target p99 < 1 s).
 
-Usage: ``python bench/stream.py [--seconds 20] [--rate 1000]``
+Usage: ``python bench/stream.py [--seconds 10] [--rate 1000]``
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Tail(threading.Thread):
 
 
 @click.command()
-@click.option("--seconds", default=20.0, show_default=True,
+@click.option("--seconds", default=10.0, show_default=True,
               help="Duration of the sustained end-to-end run.")
 @click.option("--rate", default=1000.0, show_default=True,
               help="Records per second per shard in the sustained run (Kinesis shard limit).")
