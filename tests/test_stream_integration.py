@@ -8,6 +8,7 @@ with SIGTERM.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 
 from ops.procs import start, stop, wait_for
+from serve.stream import PoisonRecord, decode_data
 from serve.stream.produce import (
     ensure_stream,
     payloads,
@@ -254,3 +256,27 @@ def test_runner_retries_a_batch_whose_handler_raised(kinesis, small_stream, tmp_
     Runner(kinesis, handler, name, cps, batch_size=10, idle_exit=0.2, retry_delay=0.01).run()
     assert calls == [seqs[0], seqs[10], seqs[10], seqs[20]]  # the whole batch, again
     assert cps.load(shard) == seqs[-1]
+
+
+def test_producer_cli_replays_a_month(aws, kinesis, months):
+    from click.testing import CliRunner
+
+    from serve.stream.produce import cli
+
+    name = f"produced-{secrets.token_hex(4)}"
+    res = CliRunner().invoke(cli, ["--rides", str(months.test), "--stream", name,
+                                   "--endpoint-url", aws.endpoint, "--rate", "0",
+                                   "--limit", "60", "--poison-every", "20",
+                                   "--create-shards", "2"])
+    assert res.exit_code == 0, res.output
+    sent = read_stream(kinesis, name)
+    assert sorted(int(r["PartitionKey"]) for r in sent) == list(range(60))
+    poison = []
+    for r in sent:
+        try:
+            decode_data(base64.b64encode(r["Data"]).decode())
+        except PoisonRecord:
+            poison.append(int(r["PartitionKey"]))
+    assert sorted(poison) == [19, 39, 59]
+    good = json.loads(next(r for r in sent if r["PartitionKey"] == "0")["Data"])
+    assert set(good) == {"ride", "ride_id", "produced_at"} and good["ride_id"] == 0
