@@ -83,6 +83,7 @@ class Stack:
 
     home: Path
     env: dict[str, str]
+    up_output: str = ""
 
     def cli(self, *args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
         """Run ``ops/stack`` (cwd = STACK_HOME, so no developer .env is read)."""
@@ -140,7 +141,8 @@ def stack(tmp_path_factory):
         env.pop(key, None)
     s = Stack(home, env)
     try:
-        _ok(s.cli("up", "--mode", "production"))
+        res = _ok(s.cli("up", "--mode", "production"))
+        s.up_output = res.stdout + res.stderr
         yield s
     finally:
         s.cli("down")
@@ -169,6 +171,11 @@ def test_up_production_starts_each_component(stack):
                  "accepting connections", f"bucket {stack.env['STACK_S3_BUCKET']} ok"):
         assert line in status, status
     assert (stack.home / "secrets.json").stat().st_mode & 0o777 == 0o600
+    api = f"{stack.uri}/api/2.0/mlflow/experiments/search"
+    assert requests.get(api, params={"max_results": 1}, timeout=10).status_code == 200
+    foreign = requests.get(api, params={"max_results": 1}, headers={"Host": "evil.example"},
+                           timeout=10)
+    assert foreign.status_code == 403  # --allowed-hosts: loopback names only
 
 
 def test_client_run_lands_in_postgres_and_the_bucket(stack, trained):
@@ -215,6 +222,7 @@ def test_no_password_on_command_lines_or_in_logs(stack, trained):
     assert all(password.encode() not in c for c in cmdlines)
     for log in (stack.home / "logs").glob("*.log"):
         assert password not in log.read_text(errors="replace"), log
+    assert "postgresql+psycopg2://" in stack.up_output and password not in stack.up_output
 
 
 def test_second_up_refuses_to_start_a_twin(stack):
