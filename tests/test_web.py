@@ -30,8 +30,8 @@ RIDES = [RIDE, {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 3},
          {"PULocationID": 265, "DOLocationID": 74, "trip_distance": 0.0},
          {"PULocationID": 7, "DOLocationID": 7, "trip_distance": 25.5}]
 JSON_CT = "application/json"
-MAX_ROWS = 100
-MAX_BODY = 64 * 1024
+MAX_ROWS = 5_000
+MAX_BODY = 1 << 20
 
 
 @dataclass
@@ -142,6 +142,23 @@ def test_metrics_count_requests_predictions_and_model(web):
     info = [labels for (name, labels) in after if name == "duration_model_info"]
     assert info and dict(info[0])["version"] == "1"
     assert after[("duration_model_reloads_total", ())] == 1
+
+
+def test_a_large_batch_is_scored_off_the_event_loop_with_the_same_numbers(web):
+    import mlflow
+
+    from serve.web import OFFLOAD_BYTES
+
+    n = MAX_ROWS
+    rides = pd.DataFrame({"PULocationID": [1 + i % 265 for i in range(n)],
+                          "DOLocationID": [1 + (7 * i) % 265 for i in range(n)],
+                          "trip_distance": [round(0.1 * (i % 300), 2) for i in range(n)]})
+    body = json.dumps({"dataframe_records": rides.to_dict(orient="records")})
+    assert len(body) > OFFLOAD_BYTES
+    r = web.post("/invocations", body)
+    assert r.status_code == 200
+    expected = mlflow.pyfunc.load_model("models:/duration/1").predict(rides)
+    assert r.json()["predictions"] == expected.tolist()
 
 
 # -- MLflow compatibility --------------------------------------------------------------------
