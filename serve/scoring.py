@@ -141,7 +141,7 @@ def fast_rides(payload) -> Rides | None:
     for key in payload:
         if key in INPUT_FORMATS and fmt is None:
             fmt = key
-        elif key != PARAMS_KEY:
+        elif key != PARAMS_KEY or type(payload[key]) is not dict:
             return None
     if fmt is None:
         return None

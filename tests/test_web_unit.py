@@ -48,6 +48,7 @@ def test_fast_path_reads_every_json_form(payload):
     {"dataframe_records": []},
     {"dataframe_records": [RIDE], "instances": [RIDE]},
     {"dataframe_records": [RIDE], "unknown": 1},
+    {"dataframe_records": [RIDE], "params": "not a dict"},
     {"dataframe_split": {"index": [0], "columns": list(RIDE), "data": [list(RIDE.values())]}},
     {"dataframe_split": {"columns": list(RIDE), "data": [[43, 151]]}},
     {"dataframe_records": {"a": 1}},
