@@ -158,6 +158,7 @@ class Runner:
     idle_exit: float | None = None  # stop after this many seconds without records
     stop: threading.Event = field(default_factory=threading.Event)
     stream_arn: str = ""  # looked up by run()
+    report_every: float = 30.0  # seconds between progress lines in the log
     # Lambda runs one invocation per shard concurrently. moto_server's PutRecords is not
     # thread-safe (concurrent writes to one shard can take the same sequence number and
     # overwrite each other), so handler calls are serialized unless asked otherwise.
@@ -266,9 +267,14 @@ class Runner:
                                     name=s.shard_id, daemon=True) for s in shards]
         for t in threads:
             t.start()
+        last_report = time.monotonic()
         for t in threads:
             while t.is_alive():  # short joins keep the main thread responsive to signals
                 t.join(0.2)
+                if time.monotonic() - last_report >= self.report_every:
+                    last_report = time.monotonic()
+                    log.info("progress: %d records in %d batches (%d failed batches)",
+                             stats.records, stats.batches, stats.failures)
         log.info("stopped: %d records in %d batches (%d failed batches)", stats.records,
                  stats.batches, stats.failures)
         if errors:
