@@ -253,8 +253,8 @@ def prepare_s3(paths: StackPaths, cfg: StackSettings, started: list[str]) -> dic
     return env
 
 
-def auth_env(paths: StackPaths, cfg: StackSettings, database_uri: str) -> dict[str, str]:
-    """Environment for MLflow's basic-auth app: its ini (0600, in STACK_HOME) and CSRF key."""
+def admin_password(cfg: StackSettings) -> str:
+    """The basic-auth admin password; empty, short or placeholder values are refused."""
     password = _secret(cfg.mlflow_auth_admin_password)
     if is_placeholder(password):
         raise click.ClickException(
@@ -262,6 +262,12 @@ def auth_env(paths: StackPaths, cfg: StackSettings, database_uri: str) -> dict[s
             "(12+ characters) in the environment or .env")
     if len(password) < 12:
         raise click.ClickException("auth: MLFLOW_AUTH_ADMIN_PASSWORD must have 12+ characters")
+    return password
+
+
+def auth_env(paths: StackPaths, cfg: StackSettings, database_uri: str) -> dict[str, str]:
+    """Environment for MLflow's basic-auth app: its ini (0600, in STACK_HOME) and CSRF key."""
+    password = admin_password(cfg)
 
     def esc(value: str) -> str:  # configparser interpolates '%'
         return value.replace("%", "%%")
@@ -295,6 +301,8 @@ def up_stack(paths: StackPaths, cfg: StackSettings, mode: str, host: str, port: 
     if port_open(host, port):
         raise click.ClickException(f"{component}: port {port} on {host} is already in use "
                                    "(choose another with --port)")
+    if auth:
+        admin_password(cfg)  # refuse a placeholder before touching anything
     started: list[str] = []
     try:
         env = server_env()
