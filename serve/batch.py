@@ -308,6 +308,11 @@ def _database_parts(uri: str, month: str | None) -> tuple[str, str, str]:
     return urlunparse(parsed._replace(query=urlencode(query))), table, month
 
 
+def _plain_number(arr: pa.Array) -> pa.Array:
+    """NUMERIC columns arrive as Decimal: make them floats, as validation expects numbers."""
+    return pc.cast(arr, pa.float64()) if pa.types.is_decimal(arr.type) else arr
+
+
 def database_source(uri: str, month: str | None, batch_rows: int) -> Source:
     """Rides of one month from a PostgreSQL table, streamed through a server-side cursor.
 
@@ -347,7 +352,8 @@ def database_source(uri: str, month: str | None, batch_rows: int) -> Source:
                 yield pa.table({
                     PICKUP: pa.array(values[0], pa.timestamp("us")),
                     DROPOFF: pa.array(values[1], pa.timestamp("us")),
-                    **{c: pa.array(v) for c, v in zip(RIDE_COLUMNS, values[2:], strict=True)},
+                    **{c: _plain_number(pa.array(v))
+                       for c, v in zip(RIDE_COLUMNS, values[2:], strict=True)},
                 })
         engine.dispose()
 

@@ -254,6 +254,8 @@ def test_postgres_table_input(tmp_path, months, model_uri, postgres, tracking_se
     engine = sa.create_engine(postgres)
     with engine.begin() as conn:
         conn.execute(sa.text('INSERT INTO rides SELECT * FROM rides_03'))
+        # NUMERIC arrives as Decimal: still scored (synthetic distances have 2 decimals)
+        conn.execute(sa.text('ALTER TABLE rides ALTER COLUMN trip_distance TYPE numeric(10, 2)'))
     engine.dispose()
     url = f"{postgres}?table=rides&month=2021-03"
     result = batch.score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
