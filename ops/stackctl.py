@@ -11,6 +11,10 @@ endpoint), and ``mlflow server`` proxying the artifacts, so clients never hold S
 credentials. The store URI reaches the server through ``MLFLOW_BACKEND_STORE_URI``:
 the password is never on a command line nor in a log.
 
+``--artifacts-only`` starts a second server that only serves artifacts (for deployment
+clients; tracking APIs answer 503); ``--auth`` runs MLflow's basic-auth app with the admin
+password from the environment (placeholders refused).
+
 State lives in ``$STACK_HOME`` (default ``.stack/``): ``logs/`` has one log per
 component, ``run/`` the pid files ``down`` uses to stop exactly what ``up``
 started (and ``stack.json``, what ``status`` checks), ``secrets.json`` (0600) the
