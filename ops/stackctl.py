@@ -207,7 +207,11 @@ def prepare_postgres(paths: StackPaths, cfg: StackSettings) -> str:
 def moto_server_bin() -> str:
     """The venv's ``moto_server`` (next to this interpreter), else the one on PATH."""
     local = Path(sys.executable).parent / "moto_server"
-    return str(local) if local.exists() else (shutil.which("moto_server") or "moto_server")
+    found = str(local) if local.exists() else shutil.which("moto_server")
+    if not found:
+        raise S3Error("s3: moto_server is not installed (pip install 'moto[server]', the test "
+                      "extra) and MLFLOW_S3_ENDPOINT_URL is unset")
+    return found
 
 
 def start_or_reuse_moto(paths: StackPaths, cfg: StackSettings, started: list[str]) -> str:
