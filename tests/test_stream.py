@@ -281,6 +281,9 @@ def test_lowest_failure_compares_sequence_numbers_as_numbers():
     resp = {"batchItemFailures": [{"itemIdentifier": "100"}, {"itemIdentifier": "99"}]}
     assert lowest_failure(resp) == "99"
     assert lowest_failure({"batchItemFailures": []}) is None
+    assert lowest_failure(None) is None  # a handler returning nothing succeeded (as in Lambda)
+    for bad in ([{"itemIdentifier": ""}], [{"itemIdentifier": None}], [{}]):
+        assert lowest_failure({"batchItemFailures": bad}, first="7") == "7"
 
 
 def test_checkpoints_round_trip_atomically(tmp_path):

@@ -106,11 +106,21 @@ def kinesis_event(records: list[Mapping], shard_id: str, stream_arn: str, region
     return {"Records": out}
 
 
-def lowest_failure(response: Mapping) -> str | None:
-    """The lowest failed sequence number of a handler response (where Lambda resumes)."""
-    items = response.get("batchItemFailures") or []
-    seqs = [str(i["itemIdentifier"]) for i in items]
-    return min(seqs, key=int) if seqs else None
+def lowest_failure(response, first: str | None = None) -> str | None:
+    """The lowest failed sequence number of a handler response (where Lambda resumes).
+
+    As in Lambda, a response that is not a valid partial-batch response (an
+    identifier that is missing or not a sequence number) fails the whole batch:
+    ``first`` is returned then.
+    """
+    items = response.get("batchItemFailures") if isinstance(response, Mapping) else None
+    if not items:
+        return None
+    try:
+        return min((str(i["itemIdentifier"]) for i in items), key=int)
+    except (KeyError, TypeError, ValueError):
+        log.error("invalid batchItemFailures %r: the whole batch is retried", items)
+        return first
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -210,7 +220,8 @@ class Runner:
         event = kinesis_event(records, shard.shard_id, self.stream_arn, region)
         with nullcontext() if self.parallel else self._handler_lock:
             try:
-                failed = lowest_failure(self.handler(event, None))
+                failed = lowest_failure(self.handler(event, None),
+                                        first=records[0]["SequenceNumber"])
             except Exception:  # noqa: BLE001 - a function error: Lambda retries the whole batch
                 log.exception("%s: handler failed on a batch of %d", shard.shard_id,
                               len(records))
