@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -624,6 +625,8 @@ def main(model_uri, input_uri, output, taxi_type, month, first, last, force, eng
     """Score a month of rides (or a range of months) into predictions parquet."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # stdout carries one JSON line per month (run ids included), not MLflow's "View run" lines.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = BatchSettings()
     if batch_rows:
         settings.batch_rows = batch_rows
