@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 
 import click
@@ -510,8 +509,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
     settings = WebSettings(**overrides)
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
     _bounded_registry_calls()
-    # MLflow nags about type hints on every load of a PythonModel; the signature is logged.
-    warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method")
     # The *_created series double the /metrics page and no dashboard here uses them.
     import prometheus_client
 
