@@ -58,6 +58,18 @@ def test_prefect_flow_schedules_the_previous_month_without_prefect_installed():
     assert previous_month(dt.date(2021, 3, 31)) == "2021-02"
 
 
+def test_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):
+    target = tmp_path / "taxi_type=green/year=2021/month=03/predictions.parquet"
+    with pytest.raises(RuntimeError, match="boom"):
+        with batch.atomic_parquet(str(target), batch.OUTPUT_SCHEMA) as writer:
+            writer.write_table(batch.OUTPUT_SCHEMA.empty_table())
+            raise RuntimeError("boom")
+    assert list(target.parent.iterdir()) == []
+    with batch.atomic_parquet(str(target), batch.OUTPUT_SCHEMA) as writer:
+        writer.write_table(batch.OUTPUT_SCHEMA.empty_table())
+    assert [p.name for p in target.parent.iterdir()] == ["predictions.parquet"]
+
+
 @pytest.fixture(scope="module")
 def ride_model(months):
     """A tiny real RideDurationModel (no registry needed)."""
