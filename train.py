@@ -152,8 +152,10 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
-    # Under `mlflow run` the run (and its experiment) is given to us: respect it.
-    if not os.getenv("MLFLOW_RUN_ID") and not os.getenv("MLFLOW_EXPERIMENT_ID"):
+    # Under `mlflow run` the run (and its experiment) is given to us: respect it. Only
+    # MLFLOW_RUN_ID says so: set_experiment itself exports MLFLOW_EXPERIMENT_ID, which would
+    # otherwise make a second call in one process reuse an id from another tracking server.
+    if not os.getenv("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
 
     train_df = read_training_frame(train)
@@ -238,7 +240,8 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
 @click.option("--test", "test", default=None,
               help="Optional held-out month (same forms as --train): test_rmse/test_mae logged.")
 @click.option("--experiment", default="duration", show_default=True,
-              help="Experiment for runs not started by `mlflow run`.")
+              envvar="MLFLOW_EXPERIMENT_NAME",
+              help="Experiment for runs not started by `mlflow run` (env MLFLOW_EXPERIMENT_NAME).")
 @click.option("--registered-model", default=REGISTERED_MODEL_NAME, show_default=True,
               help="Registered model name.")
 def main(train, val, model, n_estimators, max_depth, min_samples_leaf, train_rows, test,

@@ -207,3 +207,21 @@ def test_train_cli_reads_urls_and_reports_the_gate(tracking_server, months, http
     assert res.exit_code == 0, res.output
     assert "version 1 val_rmse=" in res.output
     assert "promoted (first production version)" in res.output
+
+
+def test_two_tracking_servers_in_one_process(tracking_server, months, tmp_path, monkeypatch):
+    """set_experiment exports MLFLOW_EXPERIMENT_ID; training against a second server in the
+    same process must not reuse that id."""
+    from tests.conftest import start_tracking_server
+
+    train.run_training(str(months.val), str(months.val), train_rows=500,
+                       registered_model="duration-two-servers")
+    other = start_tracking_server(tmp_path / "other")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", other.uri)
+        summary = train.run_training(str(months.val), str(months.val), train_rows=500,
+                                     registered_model="duration-two-servers")
+        assert summary["version"] == "1" and summary["promoted"]
+    finally:
+        mlflow.set_tracking_uri(tracking_server.uri)
+        stop(other.proc.pid)
