@@ -142,6 +142,22 @@ def pip_requirements() -> list[str]:
             f"pandas=={pd.__version__}", f"numpy=={np.__version__}", f"scipy=={scipy.__version__}"]
 
 
+def experiment_id_for(name: str) -> str:
+    """Id of experiment ``name``, created if missing. Unlike ``mlflow.set_experiment`` this does
+    not export ``MLFLOW_EXPERIMENT_ID`` into the process environment (and so into every
+    subprocess started later, e.g. an ``mlflow run`` that then refuses --experiment-name)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if (exp := client.get_experiment_by_name(name)) is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another trainer
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50,
                  max_depth: int = 20, min_samples_leaf: int = 5, train_rows: int = 0,
                  experiment: str = "duration", registered_model: str = REGISTERED_MODEL_NAME,
@@ -152,11 +168,6 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
-    # Under `mlflow run` the run (and its experiment) is given to us: respect it. Only
-    # MLFLOW_RUN_ID says so: set_experiment itself exports MLFLOW_EXPERIMENT_ID, which would
-    # otherwise make a second call in one process reuse an id from another tracking server.
-    if not os.getenv("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
 
     train_df = read_training_frame(train)
     val_df = read_training_frame(val)
@@ -167,7 +178,9 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
         raise click.UsageError("no rows left after filtering: check --train/--val")
 
     estimator = build_estimator(model, n_estimators, max_depth, min_samples_leaf)
-    with mlflow.start_run() as run:
+    # Under `mlflow run` the run (and its experiment) is given to us: respect it.
+    experiment_id = None if os.getenv("MLFLOW_RUN_ID") else experiment_id_for(experiment)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({"model": model, "train": train, "val": val,
                            "train_rows_limit": train_rows})
         if model == "rf":
