@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.pg import ensure_postgres_running, psql_as_superuser
+from ops.pg import drop_database_and_role, ensure_postgres_running, ensure_role_and_database
 from ops.procs import free_port, http_ok, start, stop, wait_for
 from ops.stackctl import embedded_server_cmd, server_env
 from ops.synth import write_month
@@ -129,13 +129,11 @@ def moto(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres() -> str:
-    """SQLAlchemy URL of a fresh test database owned by a fresh role."""
+    """SQLAlchemy URL of a fresh test database owned by a fresh role (both per session, so
+    that concurrent test sessions on one machine never change each other's passwords)."""
     ensure_postgres_running()
-    user, password = "duration_test", secrets.token_hex(12)
-    db = f"duration_test_{secrets.token_hex(4)}"
-    psql_as_superuser(
-        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='{user}') THEN "
-        f"CREATE ROLE {user} LOGIN; END IF; END$$; ALTER ROLE {user} PASSWORD '{password}';")
-    psql_as_superuser(f"CREATE DATABASE {db} OWNER {user}")
+    suffix = secrets.token_hex(4)
+    user, password, db = f"duration_test_{suffix}", secrets.token_hex(12), f"duration_test_{suffix}"
+    ensure_role_and_database(user, password, db)
     yield f"postgresql+psycopg2://{user}:{password}@127.0.0.1:5432/{db}"
-    psql_as_superuser(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    drop_database_and_role(user, db)
