@@ -25,6 +25,7 @@ import click
 import numpy as np
 import pandas as pd
 
+from serve import registry
 from serve.config import PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME, get_settings
 from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
 from serve.model import RideDurationModel
@@ -142,22 +143,6 @@ def pip_requirements() -> list[str]:
             f"pandas=={pd.__version__}", f"numpy=={np.__version__}", f"scipy=={scipy.__version__}"]
 
 
-def experiment_id_for(name: str) -> str:
-    """Id of experiment ``name``, created if missing. Unlike ``mlflow.set_experiment`` this does
-    not export ``MLFLOW_EXPERIMENT_ID`` into the process environment (and so into every
-    subprocess started later, e.g. an ``mlflow run`` that then refuses --experiment-name)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    if (exp := client.get_experiment_by_name(name)) is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created concurrently by another trainer
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50,
                  max_depth: int = 20, min_samples_leaf: int = 5, train_rows: int = 0,
                  experiment: str = "duration", registered_model: str = REGISTERED_MODEL_NAME,
@@ -179,7 +164,7 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
 
     estimator = build_estimator(model, n_estimators, max_depth, min_samples_leaf)
     # Under `mlflow run` the run (and its experiment) is given to us: respect it.
-    experiment_id = None if os.getenv("MLFLOW_RUN_ID") else experiment_id_for(experiment)
+    experiment_id = None if os.getenv("MLFLOW_RUN_ID") else registry.experiment_id(experiment)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({"model": model, "train": train, "val": val,
                            "train_rows_limit": train_rows})

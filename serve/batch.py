@@ -503,8 +503,10 @@ def log_evaluation(result: MonthResult, model_uri: str, experiment: str) -> str:
     """Log the month's monitoring record as an MLflow run; returns its run id."""
     import mlflow
 
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"{result.taxi_type}-{result.month}") as run:
+    from serve.registry import experiment_id
+
+    with mlflow.start_run(experiment_id=experiment_id(experiment),
+                          run_name=f"{result.taxi_type}-{result.month}") as run:
         mlflow.log_params({"model_uri": model_uri, "model_version": result.model_version,
                            "input_uri": result.input, "output_uri": result.predictions,
                            "taxi_type": result.taxi_type, "month": result.month,

@@ -88,3 +88,20 @@ def load_model(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         raise ModelNotReady(f"cannot load model {uri!r}: {e}") from e
     log.info("loaded %s (version %s) in %.2f s", uri, ref.version, time.perf_counter() - t0)
     return LoadedModel(pyfunc=pyfunc, ref=ref)
+
+
+def experiment_id(name: str, client: MlflowClient | None = None) -> str:
+    """Id of experiment ``name``, created if missing.
+
+    Unlike ``mlflow.set_experiment`` this leaves the process environment alone: that call
+    exports ``MLFLOW_EXPERIMENT_ID``, which every subprocess started later inherits (an
+    ``mlflow run`` then refuses ``--experiment-name``, and a run against another tracking
+    server lands in an experiment id that server does not have).
+    """
+    client = client or MlflowClient()
+    if (exp := client.get_experiment_by_name(name)) is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
