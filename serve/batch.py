@@ -84,7 +84,9 @@ REJECTS_SCHEMA = pa.schema([
     ("reason", pa.string()),
 ])
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
-_TLC_NAME = re.compile(r"(?P<taxi>green|yellow|fhvhv|fhv)_tripdata_(?P<month>\d{4}-\d{2})")
+# A TLC file name, or a backfill template of one (`yellow_tripdata_{month}.parquet`).
+_TLC_NAME = re.compile(
+    r"(?P<taxi>green|yellow|fhvhv|fhv)_tripdata_(?P<month>\d{4}-\d{2}|\{month\})")
 
 
 class BatchSettings(Settings):
@@ -117,6 +119,8 @@ def infer_from_name(uri: str) -> tuple[str | None, str | None]:
     """Taxi type and month from a TLC-style name (``green_tripdata_2021-03``) or a DB URL."""
     m = _TLC_NAME.search(uri)
     taxi, month = (m["taxi"], m["month"]) if m else (None, None)
+    if month == "{month}":  # a backfill template names the taxi type, not the month
+        month = None
     if is_database(uri):
         month = dict(parse_qsl(urlparse(uri).query)).get("month", month)
     return taxi, month
@@ -632,6 +636,10 @@ def main(model_uri, input_uri, output, taxi_type, month, first, last, force, eng
     settings = BatchSettings()
     if batch_rows:
         settings.batch_rows = batch_rows
+    import mlflow
+
+    # Like every mode: the tracking server from the environment, `.env` or the default.
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     model_uri = model_uri or settings.model_uri
     name_taxi, name_month = infer_from_name(input_uri or "")
     taxi_type = taxi_type or name_taxi or "green"

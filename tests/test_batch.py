@@ -47,6 +47,8 @@ def test_month_input_and_names():
     assert batch.infer_from_name("s3://b/green_tripdata_2021-03.parquet") == ("green", "2021-03")
     assert batch.infer_from_name("postgresql+psycopg2://u@h/db?table=r&month=2021-05") == \
         (None, "2021-05")
+    # a backfill template still names the taxi type (yellow months must not land under green)
+    assert batch.infer_from_name("s3://b/tlc/yellow_tripdata_{month}.parquet") == ("yellow", None)
 
 
 def test_prefect_flow_schedules_the_previous_month_without_prefect_installed():
@@ -340,3 +342,26 @@ def test_killed_run_leaves_no_output_and_rerun_completes(tmp_path, model_uri, tr
     meta = pq.ParquetFile(part / "predictions.parquet").metadata
     rejects = pq.ParquetFile(out / "_rejects" / part.relative_to(out) / "rejects.parquet")
     assert meta.num_rows + rejects.metadata.num_rows == 1_000_000
+
+
+def test_cli_finds_the_tracking_server_in_dotenv(tmp_path, months, model_uri, tracking_server,
+                                                monkeypatch):
+    """Like every mode, serve.batch takes MLFLOW_TRACKING_URI from `.env` when the environment
+    has none (before, MLflow's own default, a ./mlflow.db, was used silently)."""
+    import mlflow
+
+    (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI={tracking_server.uri}\n")
+    monkeypatch.chdir(tmp_path)
+    # MLflow's own fallback in this process (set_tracking_uri also exports the variable,
+    # so drop it afterwards: the CLI must find the server in .env alone).
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'wrong.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    try:
+        res = CliRunner().invoke(batch.main, ["--model-uri", model_uri, "--input",
+                                              str(months.val), "--output", "out",
+                                              "--no-evaluate"])
+    finally:
+        mlflow.set_tracking_uri(tracking_server.uri)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out/taxi_type=green/year=2021/month=02/predictions.parquet").is_file()
+    assert not (tmp_path / "wrong.db").exists()
