@@ -185,6 +185,8 @@ def test_cli_dry_run_writes_nothing(aws, kinesis, ride_stream, registered_model,
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"stopped: {N_RIDES} records" in res.stderr
     assert read_stream(kinesis, out) == []
+    # a dry run never moves the consumer's checkpoints: a real run would still see every ride
+    assert not list(tmp_path.rglob("*.json"))
 
 
 class FlakyHandler:

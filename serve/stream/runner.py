@@ -75,6 +75,28 @@ class Checkpoints:
             raise
 
 
+@dataclass
+class DryRunCheckpoints:
+    """A dry run (``--test-run``) starts at the consumer's checkpoints but never moves them:
+    the next real run of that consumer must still see every record."""
+
+    real: Checkpoints
+    moved: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The real consumer's folder (read, never written)."""
+        return self.real.root
+
+    def load(self, shard_id: str) -> str | None:
+        """Where this dry run is, else where the real consumer is."""
+        return self.moved.get(shard_id) or self.real.load(shard_id)
+
+    def save(self, shard_id: str, sequence_number: str) -> None:
+        """Remember in memory only."""
+        self.moved[shard_id] = sequence_number
+
+
 def consumer_checkpoints(base: str | Path, consumer: str, stream: str) -> Checkpoints:
     """Each consumer of each stream has its own checkpoints (1-to-many)."""
     return Checkpoints(Path(base) / consumer / stream)
@@ -160,7 +182,7 @@ class Runner:
     client: object  # a boto3 Kinesis client
     handler: Handler
     stream: str
-    checkpoints: Checkpoints
+    checkpoints: Checkpoints | DryRunCheckpoints
     batch_size: int = 100
     poll_interval: float = 0.2
     max_retries: int = 3
@@ -338,9 +360,13 @@ def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_lo
                  "model_version": model_version, "dead_letter_destination": dead_letter,
                  "test_run": test_run or None}
     settings = StreamSettings(**{k: v for k, v in overrides.items() if v is not None})
-    runner = Runner(client=boto3.client("kinesis", endpoint_url=endpoint_url),
-                    handler=build_handler(settings), stream=input_stream,
-                    checkpoints=consumer_checkpoints(checkpoint_dir, consumer, input_stream),
+    checkpoints = consumer_checkpoints(checkpoint_dir, consumer, input_stream)
+    if settings.test_run:
+        checkpoints = DryRunCheckpoints(checkpoints)
+    # The reading client uses the same endpoint as the sinks (option, env or .env).
+    client = boto3.client("kinesis", endpoint_url=settings.kinesis_endpoint_url)
+    runner = Runner(client=client, handler=build_handler(settings), stream=input_stream,
+                    checkpoints=checkpoints,
                     batch_size=batch_size, poll_interval=poll_interval,
                     max_retries=max_retries, idle_exit=idle_exit, parallel=parallel_shards)
     for sig in (signal.SIGTERM, signal.SIGINT):
