@@ -163,6 +163,16 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(HOME / "logs", ignore_errors=True)
     (HOME / "logs").mkdir(parents=True)
+    try:
+        run_demo()
+    except KeyboardInterrupt:
+        log.info("interrupted: stopped everything the demo started")
+        raise SystemExit(130) from None
+    log.info("stopped everything the demo started")
+
+
+def run_demo() -> None:
+    """Every step; the ExitStack stops each started process on the way out, whatever happens."""
     with ExitStack() as stack:
         demo = Demo(stack)
         uri = demo.tracking_server()
@@ -188,7 +198,6 @@ def main() -> None:
         event = demo.stream()
         print(f"\nstream serve.stream   models:/duration@production  ride_id 256 on Kinesis "
               f"(moto)  ->  {json.dumps(event)}\n", flush=True)
-    log.info("stopped everything the demo started")
 
 
 if __name__ == "__main__":
