@@ -136,7 +136,11 @@ def cli(rides, stream, endpoint_url, rate, limit, poison_every, create_shards) -
     import boto3
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    client = boto3.client("kinesis", endpoint_url=endpoint_url)
+    from serve.config import get_settings
+
+    # Same endpoint resolution as the runner and the sinks: option, environment, then .env.
+    client = boto3.client("kinesis",
+                          endpoint_url=endpoint_url or get_settings().kinesis_endpoint_url)
     if create_shards:
         ensure_stream(client, stream, create_shards)
     events = list(ride_events(read_ride_columns(rides, limit)))
