@@ -191,8 +191,6 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             # Location ids are integers by contract and nulls are rejected before the model.
             warnings.filterwarnings("ignore", message=".*Inferred schema contains integer")
-            # The signature below is explicit; type-hint validation would duplicate it.
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=ride_model,

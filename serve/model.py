@@ -94,8 +94,12 @@ class RideDurationModel(PythonModel):
         """Validate a DataFrame of rides and predict minutes; raises InvalidInput."""
         return self.predict_rides(validate_rides(df))
 
-    def predict(self, context, model_input, params=None):
-        """pyfunc entry point: a DataFrame (or records) of raw rides -> minutes."""
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """pyfunc entry point: a DataFrame (or records) of raw rides -> minutes.
+
+        The hint is ``pd.DataFrame``, which MLflow accepts without inferring a schema from it:
+        the logged signature stays the contract (and MLflow stops warning about missing hints).
+        """
         if isinstance(model_input, dict):
             model_input = pd.DataFrame([model_input])
         elif isinstance(model_input, list):
