@@ -96,8 +96,8 @@ def read_pid(paths: StackPaths, component: str) -> int | None:
         pid_text, _, started = paths.pidfile(component).read_text().strip().partition(" ")
         pid = int(pid_text)
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None  # PermissionError: the pid now belongs to another user's process
     if started and _start_time(pid) not in (None, started):
         return None  # the pid was reused by another process: not ours to stop
     return pid

@@ -70,6 +70,17 @@ def test_a_reused_pid_is_not_ours(tmp_path):
     assert read_pid(paths, "mlflow") is None
 
 
+def test_a_pid_of_another_user_is_not_ours(tmp_path, monkeypatch):
+    paths = StackPaths(tmp_path)
+    write_pid(paths, "mlflow", os.getpid())
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)  # as for a pid reused by another user's process
+    assert read_pid(paths, "mlflow") is None
+
+
 def test_private_files_are_owner_only(tmp_path):
     path = tmp_path / "secret.ini"
     write_private(path, "x")
