@@ -347,11 +347,6 @@ def up_stack(paths: StackPaths, cfg: StackSettings, mode: str, host: str, port: 
     return uri
 
 
-def up_embedded(paths: StackPaths, host: str, port: int, workers: int) -> str:
-    """Start the embedded tracking server; returns its URI."""
-    return up_stack(paths, StackSettings(), "embedded", host, port, workers)
-
-
 def down(paths: StackPaths, components: list[str] | None = None) -> list[str]:
     """Stop the components this stack started (by pid file; all unless ``components``
     names some); returns the names of those that were running."""
