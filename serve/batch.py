@@ -331,36 +331,46 @@ def database_source(uri: str, month: str | None, batch_rows: int) -> Source:
     url, table_name, month = _database_parts(uri, month)
     schema, _, name = table_name.rpartition(".")
     engine = sa.create_engine(url)
-    table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
-    names = set(table.columns.keys())
-    pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
-    dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
-    missing = [c for c in (pickup, dropoff, *RIDE_COLUMNS) if c is None or c not in names]
-    if missing:
-        what = missing[0] or "pickup/dropoff datetime"
-        raise InvalidInput(f"table {table_name!r} has no column {what!r}", field=what)
-    year, mm = parse_month(month)
-    start = pd.Timestamp(year=year, month=mm, day=1)
-    end = start + pd.offsets.MonthBegin(1)
-    cols = [table.c[pickup], table.c[dropoff], *(table.c[c] for c in RIDE_COLUMNS)]
-    where = sa.and_(table.c[pickup] >= start.to_pydatetime(), table.c[pickup] < end.to_pydatetime())
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar()
+    try:
+        table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
+        names = set(table.columns.keys())
+        pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
+        dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
+        missing = [c for c in (pickup, dropoff, *RIDE_COLUMNS) if c is None or c not in names]
+        if missing:
+            what = missing[0] or "pickup/dropoff datetime"
+            raise InvalidInput(f"table {table_name!r} has no column {what!r}", field=what)
+        year, mm = parse_month(month)
+        start = pd.Timestamp(year=year, month=mm, day=1)
+        end = start + pd.offsets.MonthBegin(1)
+        cols = [table.c[pickup], table.c[dropoff], *(table.c[c] for c in RIDE_COLUMNS)]
+        where = sa.and_(table.c[pickup] >= start.to_pydatetime(),
+                        table.c[pickup] < end.to_pydatetime())
+        rows = None
+        if sys.stderr.isatty():  # the count only feeds the progress bar, shown on a terminal
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(sa.func.count()).select_from(table).where(where)).scalar()
+    except BaseException:
+        engine.dispose()
+        raise
 
     def chunks() -> Iterator[pa.Table]:
         stmt = sa.select(*cols).where(where).order_by(*cols)
-        with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, max_row_buffer=batch_rows)\
-                .execute(stmt)
-            for part in result.partitions(batch_rows):
-                values = list(zip(*part, strict=True))
-                yield pa.table({
-                    PICKUP: pa.array(values[0], pa.timestamp("us")),
-                    DROPOFF: pa.array(values[1], pa.timestamp("us")),
-                    **{c: _plain_number(pa.array(v))
-                       for c, v in zip(RIDE_COLUMNS, values[2:], strict=True)},
-                })
-        engine.dispose()
+        try:
+            with engine.connect() as conn:
+                result = conn.execution_options(stream_results=True,
+                                                max_row_buffer=batch_rows).execute(stmt)
+                for part in result.partitions(batch_rows):
+                    values = list(zip(*part, strict=True))
+                    yield pa.table({
+                        PICKUP: pa.array(values[0], pa.timestamp("us")),
+                        DROPOFF: pa.array(values[1], pa.timestamp("us")),
+                        **{c: _plain_number(pa.array(v))
+                           for c, v in zip(RIDE_COLUMNS, values[2:], strict=True)},
+                    })
+        finally:  # also when the consumer stops early or fails (generator closed)
+            engine.dispose()
 
     # Shown in logs and runs: no user or password.
     parsed = urlparse(url)

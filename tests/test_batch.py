@@ -287,6 +287,54 @@ def test_postgres_table_input(tmp_path, months, model_uri, postgres, tracking_se
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-9, rtol=0)
 
 
+def test_postgres_source_releases_its_connections(postgres):
+    """The engine is disposed on a missing column and when the chunks stop early."""
+    import secrets
+
+    import sqlalchemy as sa
+
+    from ops.procs import wait_for
+
+    app = f"leak_{secrets.token_hex(4)}"
+    admin = sa.create_engine(postgres)
+    rides = pd.DataFrame({
+        "lpep_pickup_datetime": pd.to_datetime(["2021-03-01 10:00", "2021-03-02 10:00",
+                                                "2021-03-03 10:00"]),
+        "lpep_dropoff_datetime": pd.to_datetime(["2021-03-01 10:10", "2021-03-02 10:20",
+                                                 "2021-03-03 10:30"]),
+        "PULocationID": [43, 74, 7], "DOLocationID": [151, 75, 260],
+        "trip_distance": [1.8, 0.9, 11.5]})
+    rides.to_sql("leak_rides", admin, index=False, if_exists="replace")
+    rides.drop(columns="trip_distance").to_sql("leak_nodist", admin, index=False,
+                                                if_exists="replace")
+
+    def open_connections() -> int:
+        with admin.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity "
+                                        "WHERE application_name = :a"), {"a": app}).scalar()
+
+    def none_open() -> bool:
+        return open_connections() == 0
+
+    try:
+        with pytest.raises(InvalidInput, match="trip_distance"):
+            batch.database_source(f"{postgres}?application_name={app}&table=leak_nodist",
+                                  "2021-03", 1)
+        wait_for(none_open, "connections closed after a missing column", timeout=10)
+        source = batch.database_source(f"{postgres}?application_name={app}&table=leak_rides",
+                                       "2021-03", 1)
+        assert source.rows is None  # no tty: no COUNT(*) just for a progress bar
+        chunks = source.chunks()
+        assert next(chunks).num_rows == 1
+        assert open_connections() == 1
+        chunks.close()  # the consumer stops early
+        wait_for(none_open, "connections closed after an early stop", timeout=10)
+        assert sum(c.num_rows for c in source.chunks()) == 3
+        wait_for(none_open, "connections closed after the last chunk", timeout=10)
+    finally:
+        admin.dispose()
+
+
 def test_backfill_skips_done_months_unless_forced(tmp_path, months, model_uri, tracking_server):
     template = str(months.val.parent / "green_tripdata_{month}.parquet")
     out = str(tmp_path / "out")
