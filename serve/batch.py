@@ -283,18 +283,21 @@ def parquet_source(uri: str, batch_rows: int) -> Source:
     """A TLC parquet month (local, s3://, https://) read ``batch_rows`` at a time."""
     from serve.tlc import open_parquet, time_columns
 
-    pf = open_parquet(uri)
-    pickup, dropoff = time_columns(pf.schema_arrow)
-    missing = [c for c in RIDE_COLUMNS if c not in pf.schema_arrow.names]
-    if missing:
-        raise InvalidInput(f"{uri}: missing column {missing[0]!r}", field=missing[0])
+    with open_parquet(uri) as pf:
+        pickup, dropoff = time_columns(pf.schema_arrow)
+        missing = [c for c in RIDE_COLUMNS if c not in pf.schema_arrow.names]
+        if missing:
+            raise InvalidInput(f"{uri}: missing column {missing[0]!r}", field=missing[0])
+        rows = pf.metadata.num_rows
     columns = [pickup, dropoff, *RIDE_COLUMNS]
 
     def chunks() -> Iterator[pa.Table]:
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            yield _normalize(pa.Table.from_batches([batch]), pickup, dropoff)
+        # Opened per call and closed when the chunks stop, early or not (https is cached).
+        with open_parquet(uri) as f:
+            for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
+                yield _normalize(pa.Table.from_batches([batch]), pickup, dropoff)
 
-    return Source(uri, pf.metadata.num_rows, chunks)
+    return Source(uri, rows, chunks)
 
 
 def _database_parts(uri: str, month: str | None) -> tuple[str, str, str]:

@@ -95,7 +95,8 @@ def open_parquet(uri: str) -> pq.ParquetFile:
         uri = str(download(uri))
     fs, path = resolve(uri)
     try:
-        return pq.ParquetFile(fs.open_input_file(path))
+        # Opened by ParquetFile itself, so closing it (or leaving its `with`) closes the file.
+        return pq.ParquetFile(path, filesystem=fs)
     except FileNotFoundError as e:
         raise InvalidInput(f"no such file: {uri}") from e
 
@@ -116,9 +117,9 @@ def read_training_frame(uri: str) -> pd.DataFrame:
 
     Keeps rows with 1 <= duration <= 60 and valid ride fields.
     """
-    pf = open_parquet(uri)
-    pickup, dropoff = time_columns(pf.schema_arrow)
-    df = pf.read(columns=[*RIDE_COLUMNS, pickup, dropoff]).to_pandas()
+    with open_parquet(uri) as pf:
+        pickup, dropoff = time_columns(pf.schema_arrow)
+        df = pf.read(columns=[*RIDE_COLUMNS, pickup, dropoff]).to_pandas()
     minutes = ride_durations(df[pickup], df[dropoff])
     _, reasons = check_rides(df)
     keep = duration_mask(minutes) & (reasons == "")

@@ -110,6 +110,43 @@ def test_score_chunk_splits_rejects_and_counts(ride_model):
     assert t.metrics()["rmse"] == pytest.approx(abs(expected[0] - 12.0))
 
 
+def _open_fds(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux)."""
+    target, n = os.path.realpath(path), 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == target
+        except OSError:  # closed meanwhile
+            pass
+    return n
+
+
+def test_parquet_inputs_are_closed(months, tmp_path):
+    from serve.stream.produce import read_ride_columns
+    from serve.tlc import read_training_frame
+
+    path = months.test
+    source = batch.parquet_source(str(path), 10_000)
+    assert _open_fds(path) == 0  # the source keeps no file open between reads
+    chunks = source.chunks()
+    next(chunks)
+    assert _open_fds(path) == 1
+    chunks.close()  # the consumer stops early
+    assert _open_fds(path) == 0
+    assert sum(c.num_rows for c in source.chunks()) == source.rows
+    assert _open_fds(path) == 0
+
+    no_distance = tmp_path / "green_tripdata_2021-03.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["trip_distance"]), no_distance)
+    with pytest.raises(InvalidInput, match="trip_distance"):
+        batch.parquet_source(str(no_distance), 10_000)
+    assert _open_fds(no_distance) == 0
+
+    read_training_frame(str(path))
+    read_ride_columns(str(path), limit=10)
+    assert _open_fds(path) == 0
+
+
 # -- against the real stack ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_uri(registered_model) -> str:

@@ -49,7 +49,8 @@ def read_ride_columns(path: str, limit: int | None = None) -> dict[str, np.ndarr
     from serve.features import RIDE_COLUMNS
     from serve.tlc import open_parquet
 
-    table = open_parquet(path).read(columns=list(RIDE_COLUMNS))
+    with open_parquet(path) as pf:
+        table = pf.read(columns=list(RIDE_COLUMNS))
     if limit:
         table = table.slice(0, limit)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in RIDE_COLUMNS}
