@@ -105,10 +105,11 @@ def read_pid(paths: StackPaths, component: str) -> int | None:
 
 def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict,
                     ready, timeout: float) -> int:
-    """Start one component, record its pid, wait until ``ready()`` holds (bounded)."""
+    """Start one component, record its pid, wait until ``ready()`` holds (bounded); on any
+    failure, Ctrl-C included, stop it and remove its pid file."""
     proc = start(cmd, paths.logfile(component), env=env)
-    write_pid(paths, component, proc.pid)
     try:
+        write_pid(paths, component, proc.pid)
         wait_for(ready, component, timeout=timeout, proc=proc)
     except (TimeoutError, RuntimeError) as e:
         why = (f"exited with code {proc.returncode} while starting" if proc.poll() is not None
@@ -118,6 +119,10 @@ def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict
         tail = paths.logfile(component).read_text(errors="replace").strip().splitlines()[-2:]
         raise click.ClickException(f"{component}: {why}; log {paths.logfile(component)}: "
                                    f"{' | '.join(ln.strip() for ln in tail)}") from e
+    except BaseException:
+        stop(proc.pid)
+        paths.pidfile(component).unlink(missing_ok=True)
+        raise
     log.info("%s ready (pid %d)", component, proc.pid)
     return proc.pid
 
@@ -225,10 +230,10 @@ def start_or_reuse_moto(paths: StackPaths, cfg: StackSettings, started: list[str
         raise S3Error(f"s3: moto_server port {port} on 127.0.0.1 is already in use "
                       "(STACK_MOTO_PORT)")
     endpoint = f"http://127.0.0.1:{port}"
+    started.append("moto")  # before it runs: a failure from here on stops it
     start_component(paths, "moto", [moto_server_bin(), "-H", "127.0.0.1", "-p", str(port)],
                     dict(os.environ), http_ok(f"{endpoint}/moto-api/"),
                     timeout=max(cfg.stack_wait_seconds, 30))
-    started.append("moto")
     return endpoint
 
 
@@ -334,16 +339,17 @@ def up_stack(paths: StackPaths, cfg: StackSettings, mode: str, host: str, port: 
                          cfg.stack_allowed_hosts or default_allowed_hosts(host),
                          "basic-auth" if auth else None)
         uri = f"http://{host}:{port}"
+        started.append(component)
         start_component(paths, component, cmd, env, http_ok(f"{uri}/health"),
                         timeout=cfg.stack_server_timeout)
+        save_state(paths, **{component: {"uri": uri, "mode": mode, "auth": auth,
+                                         "destination": destination}})
     except (PostgresError, S3Error) as e:
         _stop_components(paths, started)
         raise click.ClickException(str(e)) from None
-    except BaseException:
+    except BaseException:  # Ctrl-C included: nothing this call started is left running
         _stop_components(paths, started)
         raise
-    save_state(paths, **{component: {"uri": uri, "mode": mode, "auth": auth,
-                                     "destination": destination}})
     return uri
 
 

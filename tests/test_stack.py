@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,34 @@ def test_private_files_are_owner_only(tmp_path):
     path = tmp_path / "secret.ini"
     write_private(path, "x")
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_c_while_the_server_starts_leaves_nothing_running(tmp_path):
+    env = {**os.environ, "STACK_HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    pidfile = tmp_path / "run" / "mlflow.pid"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        # SIGINT at its default (a runner may ignore it), so Python turns it into
+        # KeyboardInterrupt as in a terminal; own session: the test can always clean up.
+        proc = subprocess.Popen([STACK, "up", "--mode", "embedded", "--port", "0"], env=env,
+                                cwd=tmp_path, stdout=out, stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    server = None
+    try:
+        server = int(wait_for(lambda: pidfile.read_text().split(), "mlflow pid file",
+                              timeout=60, interval=0.02, proc=proc)[0])
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert "Aborted!" in (tmp_path / "err").read_text()  # click's KeyboardInterrupt
+        assert "MLFLOW_TRACKING_URI=" not in (tmp_path / "out").read_text()  # still starting
+        wait_for(lambda: not any(_pgid(p) == server and _running(p) for p in _all_pids()),
+                 "the server's process group to be gone", timeout=30)
+        assert not pidfile.exists()
+    finally:
+        if proc.poll() is None:
+            stop(proc.pid)
+        if server is not None and _pgid(server) == server:
+            stop(server)
 
 
 # -- the production stack -----------------------------------------------------------------
