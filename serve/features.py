@@ -42,12 +42,29 @@ def _is_number(v) -> bool:
         v, (bool, np.bool_))
 
 
-def _numbers_mask(arr: np.ndarray) -> np.ndarray:
-    """Per-element 'is a real number' for an object array (bools and strings are not)."""
-    return np.fromiter((_is_number(v) for v in arr), dtype=bool, count=len(arr))
+def _to_float(v) -> float:
+    """A JSON value as a float: NaN unless a real number, inf beyond float range."""
+    if not _is_number(v):
+        return math.nan
+    try:
+        return float(v)
+    except OverflowError:  # a 400-digit integer is out of range, not a crash
+        return math.inf
 
 
-def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _floats(arr: np.ndarray) -> np.ndarray:
+    """Float64 view of a column: numeric dtypes as they are; object columns (JSON mixes,
+    never a TLC file) element by element, so bools, strings and huge integers are rejected
+    instead of coerced or overflowing; other dtypes (strings) are not numbers."""
+    if arr.dtype.kind in "iufb":
+        return arr.astype(np.float64) if arr.dtype.kind != "b" else np.full(len(arr), np.nan)
+    if arr.dtype == object:
+        return np.fromiter((_to_float(v) for v in arr), dtype=np.float64, count=len(arr))
+    return pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan, copy=True)
+
+
+def _as_locations(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer location ids and a per-row 'bad' mask (wrong type, not integral, out of range)."""
     arr = np.asarray(values)
     if arr.dtype.kind in "iu":
@@ -55,12 +72,7 @@ def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray
         bad = np.zeros(len(ints), dtype=bool)
     else:
         # Floats (a column with nulls) and objects (JSON mixes) are accepted when integral.
-        nums = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
-            dtype=np.float64, na_value=np.nan, copy=True
-        )
-        if arr.dtype == object:
-            # bools and numeric strings are not location ids, even though they coerce.
-            nums[~_numbers_mask(arr)] = np.nan
+        nums = _floats(arr)
         bad = ~np.isfinite(nums) | (nums != np.round(nums))
         ints = np.where(bad, 0, nums).astype(np.int64)
     bad |= (ints < MIN_LOCATION) | (ints > MAX_LOCATION)
@@ -70,14 +82,7 @@ def _as_locations(values: pd.Series | np.ndarray, name: str) -> tuple[np.ndarray
 def _as_distance(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float distances and a per-row 'bad' mask (not a number, negative, non-finite)."""
     arr = np.asarray(values)
-    if arr.dtype.kind in "iuf":
-        dist = arr.astype(np.float64, copy=False)
-    else:
-        dist = pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
-            dtype=np.float64, na_value=np.nan, copy=True
-        )
-        if arr.dtype == object:
-            dist[~_numbers_mask(arr)] = np.nan
+    dist = arr.astype(np.float64, copy=False) if arr.dtype.kind in "iuf" else _floats(arr)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(dist) | (dist < 0)
     return dist, bad
@@ -97,8 +102,8 @@ def check_rides(df: pd.DataFrame) -> tuple[Rides, np.ndarray]:
         reasons[:] = f"missing field: {missing[0]}"
         zeros = np.zeros(n, dtype=np.int64)
         return Rides(zeros, zeros, np.zeros(n)), reasons
-    pu, pu_bad = _as_locations(df["PULocationID"].to_numpy(), "PULocationID")
-    do, do_bad = _as_locations(df["DOLocationID"].to_numpy(), "DOLocationID")
+    pu, pu_bad = _as_locations(df["PULocationID"].to_numpy())
+    do, do_bad = _as_locations(df["DOLocationID"].to_numpy())
     dist, dist_bad = _as_distance(df["trip_distance"].to_numpy())
     # Assign in reverse so that the first bad field in RIDE_COLUMNS order wins.
     reasons[dist_bad] = "trip_distance must be a finite number >= 0"
@@ -139,18 +144,24 @@ def parse_ride(record) -> tuple[int, int, float]:
         if col not in record:
             raise InvalidInput(f"missing field: {col!r}", field=col)
         v = record[col]
-        if not _is_number(v) or not math.isfinite(v) or v != int(v) or not (
-                MIN_LOCATION <= v <= MAX_LOCATION):
+        # Range first: it is false for NaN and never converts, so a 400-digit integer cannot
+        # raise OverflowError here (it would escape as a 500, or stall a Kinesis shard).
+        if not _is_number(v) or not (MIN_LOCATION <= v <= MAX_LOCATION) or v != int(v):
             raise InvalidInput(f"{col} must be an integer in {MIN_LOCATION}..{MAX_LOCATION}, "
                                f"got {v!r}", field=col)
         values.append(int(v))
     if "trip_distance" not in record:
         raise InvalidInput("missing field: 'trip_distance'", field="trip_distance")
     d = record["trip_distance"]
-    if not _is_number(d) or not math.isfinite(d) or d < 0:
-        raise InvalidInput(f"trip_distance must be a finite number >= 0, got {d!r}",
+    try:
+        dist = float(d) if _is_number(d) else math.nan
+    except OverflowError:  # an integer beyond float range
+        dist = math.inf
+    if not math.isfinite(dist) or dist < 0:
+        shown = repr(d) if len(repr(d)) <= 40 else f"{repr(d)[:20]}... ({len(repr(d))} chars)"
+        raise InvalidInput(f"trip_distance must be a finite number >= 0, got {shown}",
                            field="trip_distance")
-    return values[0], values[1], float(d)
+    return values[0], values[1], dist
 
 
 def rides_from_records(records: Sequence) -> tuple[Rides, list[str]]:

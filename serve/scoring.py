@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,6 +68,11 @@ def decode_json(body: bytes) -> object:
     except json.JSONDecodeError as e:
         raise MalformedRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} "
                                f"column {e.colno}") from e
+    except RecursionError as e:
+        raise MalformedRequest("request body is not valid JSON we accept: nested too deeply") \
+            from e
+    except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+        raise MalformedRequest(f"request body is not valid JSON we accept: {e}") from e
 
 
 def _fast_ride(record) -> tuple[int, int, float] | None:
@@ -80,7 +85,7 @@ def _fast_ride(record) -> tuple[int, int, float] | None:
     # type() is: bool is an int subclass and MLflow coerces it; leave that to MLflow.
     if (type(pu) is int and type(do) is int and MIN_LOCATION <= pu <= MAX_LOCATION
             and MIN_LOCATION <= do <= MAX_LOCATION and (type(d) is float or type(d) is int)
-            and 0 <= d < math.inf):
+            and 0 <= d <= sys.float_info.max):  # <= max: a huge int must not overflow float()
         return pu, do, float(d)
     return None
 

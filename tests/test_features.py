@@ -44,6 +44,8 @@ BAD_VALUES = [
     ("trip_distance", "1.8"),
     ("trip_distance", None),
     ("trip_distance", False),
+    ("trip_distance", 10**400),  # beyond float range: must not raise OverflowError
+    ("PULocationID", 10**400),
 ]
 
 

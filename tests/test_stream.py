@@ -116,6 +116,17 @@ def test_aws_event_gives_the_exact_events_and_dead_letters(model):
     (b'{"ride_id": 1, "ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": -1}}',
      "ride: trip_distance must be a finite number >= 0"),
     (b'{"ride_id": 1.5, "ride": {}}', "ride_id must be an integer"),
+    # inputs that used to raise past the decoder (OverflowError, ValueError, RecursionError)
+    # and so failed the whole batch again and again: now poison like any other
+    (b'{"ride_id": 1, "ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1'
+     + b"0" * 400 + b"}}", "ride: trip_distance must be a finite number >= 0"),
+    (b'{"ride_id": 1, "ride": {"PULocationID": 1' + b"0" * 400
+     + b', "DOLocationID": 2, "trip_distance": 1}}', "ride: PULocationID must be an integer"),
+    (b'{"ride_id": ' + b"1" * 5000 + b', "ride": {}}', "data is not JSON"),
+    (b"[" * 100_000, "data is not JSON"),
+    (json.dumps({"ride_id": "x" * 300, "ride": {"PULocationID": 1, "DOLocationID": 2,
+                                                 "trip_distance": 1}}).encode(),
+     "ride_id must be at most 256 characters"),
 ])
 def test_poison_reasons_name_the_problem(data, reason):
     from serve.stream import PoisonRecord
@@ -319,3 +330,13 @@ def test_lambda_handler_dry_run_from_a_local_model(model, tmp_path, monkeypatch)
          "prediction": {"ride_duration": b, "ride_id": "r-257"}}]
     assert {d["sequenceNumber"] for d in resp["deadLetters"]} == set(POISON_REASONS)
     assert [p["prediction"]["ride_id"] for p in again["predictions"]] == [256]
+
+
+def test_record_without_data_is_poison_not_a_batch_failure():
+    from serve.stream import decode_records
+
+    good = b64({"ride_id": 7, "ride": {"PULocationID": 1, "DOLocationID": 2,
+                                       "trip_distance": 1.5}})
+    batch = decode_records([{"kinesis": {"sequenceNumber": "1"}}, aws_record("2", good)])
+    assert batch.poison == [(0, "record has no kinesis.data")]
+    assert batch.positions == [1] and batch.ride_ids == [7]

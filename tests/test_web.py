@@ -295,6 +295,16 @@ MALFORMED = {
                             "application/vnd.apache.parquet", 400, "parquet"),
     "inv-too-many-rows": ("POST", "/invocations", {"dataframe_records": [RIDE] * (MAX_ROWS + 1)},
                           JSON_CT, 413, "limit is"),
+    # bodies that used to escape as 500s (RecursionError, ValueError, OverflowError)
+    "deep-nesting": ("POST", "/predict", b"[" * 100_000, JSON_CT, 400, "nested too deeply"),
+    "5000-digit-number": ("POST", "/predict", b'{"PULocationID": ' + b"1" * 5000 + b"}", JSON_CT,
+                          400, "not valid JSON"),
+    "distance-huge-int": ("POST", "/predict", b'{"PULocationID": 1, "DOLocationID": 2, '
+                                              b'"trip_distance": 1' + b"0" * 400 + b"}",
+                          JSON_CT, 400, "trip_distance"),
+    "inv-distance-huge-int": ("POST", "/invocations",
+                              b'{"dataframe_records": [{"PULocationID": 1, "DOLocationID": 2, '
+                              b'"trip_distance": 1' + b"0" * 400 + b"}]}", JSON_CT, 400, ""),
 }
 
 

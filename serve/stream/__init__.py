@@ -73,11 +73,15 @@ class BatchResult:
 
 
 # -- decoding -----------------------------------------------------------------------------
+MAX_PARTITION_KEY = 256  # Kinesis partition keys are at most 256 characters
 def _ride_id(value) -> int | str:
     """A ride id is an integer or a non-empty string (it becomes the partition key)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
         raise PoisonRecord(f"ride_id must be an integer or a non-empty string, got {value!r}",
                            field="ride_id")
+    if len(str(value)) > MAX_PARTITION_KEY:  # PutRecords would refuse it on every retry
+        raise PoisonRecord(f"ride_id must be at most {MAX_PARTITION_KEY} characters (it is the "
+                           f"partition key), got {len(str(value))}", field="ride_id")
     return value
 
 
@@ -89,8 +93,9 @@ def decode_data(data: str) -> tuple[int | str, tuple[int, int, float]]:
         raise PoisonRecord(f"data is not base64: {e}", field="data") from e
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PoisonRecord(f"data is not JSON: {e}", field="data") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, too deep, too many digits
+        raise PoisonRecord(f"data is not JSON we accept: {type(e).__name__}: "
+                           f"{str(e)[:200]}", field="data") from e
     if not isinstance(payload, Mapping):
         raise PoisonRecord(f"event must be a JSON object with 'ride' and 'ride_id', got "
                            f"{type(payload).__name__}", field="data")
@@ -110,7 +115,11 @@ def decode_records(records: Sequence[Mapping]) -> DecodedBatch:
     positions, ids, pu, do, dist, poison = [], [], [], [], [], []
     for i, record in enumerate(records):
         try:
-            ride_id, (p, d, km) = decode_data(record["kinesis"]["data"])
+            try:
+                data = record["kinesis"]["data"]
+            except (KeyError, TypeError) as e:
+                raise PoisonRecord("record has no kinesis.data", field="data") from e
+            ride_id, (p, d, km) = decode_data(data)
         except PoisonRecord as e:
             poison.append((i, e.message))
             continue
