@@ -97,8 +97,12 @@ class ParquetSink:
         self._seq += 1
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         tmp = self.folder / f".part-{stamp}-{self._seq:06d}.parquet.tmp"
-        pq.write_table(pa.table(columns), tmp)
-        tmp.rename(tmp.with_name(tmp.name[1:-4]))  # readers never see half a file
+        try:
+            pq.write_table(pa.table(columns), tmp)
+            tmp.rename(tmp.with_name(tmp.name[1:-4]))  # readers never see half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written temp file left behind
+            raise
 
     def close(self) -> None:
         pass

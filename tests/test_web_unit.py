@@ -11,7 +11,14 @@ import pytest
 
 from serve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from serve.features import Rides
-from serve.predlog import JsonlSink, LoggedBatch, ParquetSink, PredictionLog, open_sink
+from serve.predlog import (
+    JsonlSink,
+    LoggedBatch,
+    ParquetSink,
+    PredictionLog,
+    open_sink,
+    to_columns,
+)
 from serve.scoring import decode_json, encode_predictions, fast_rides, media_type
 from serve.web import parse_predict
 
@@ -157,6 +164,26 @@ def test_prediction_log_survives_a_failing_sink():
     plog.put(batch(2))
     plog.close()
     assert plog.failed == 2 and plog.written == 0
+
+
+def test_parquet_sink_leaves_no_temp_file_when_a_write_fails(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    real = pq.write_table
+
+    def write_then_fail(table, where, **kwargs):
+        real(table, where, **kwargs)  # the temp file is on disk ...
+        raise OSError("No space left on device")  # ... when the write fails
+
+    sink = ParquetSink(tmp_path / "preds")
+    columns = to_columns([batch(2)])
+    monkeypatch.setattr(pq, "write_table", write_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        sink.write(columns)
+    assert not list((tmp_path / "preds").iterdir())
+    monkeypatch.undo()
+    sink.write(columns)
+    assert len(pd.read_parquet(tmp_path / "preds")) == 2
 
 
 def test_open_sink_rejects_unknown_schemes():
