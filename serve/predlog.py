@@ -161,7 +161,9 @@ class PredictionLog:
         self.flush_seconds = flush_seconds
         self._queue: queue.Queue[LoggedBatch | None] = queue.Queue(max_queued)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self.dropped = 0  # batches lost because the writer fell behind
+        self._lock = threading.Lock()  # put() runs on the event loop and in worker threads
+        self._closed = False
+        self.dropped = 0  # batches lost because the writer fell behind (or came after close)
         self.written = 0  # rows written
         self.failed = 0  # rows the sink failed to write
 
@@ -172,16 +174,31 @@ class PredictionLog:
 
     def put(self, batch: LoggedBatch) -> None:
         """Hand a request's predictions to the writer; never blocks the request."""
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            self.dropped += 1
+        with self._lock:
+            if self._closed:
+                self.dropped += 1
+                return
+            try:
+                self._queue.put_nowait(batch)
+            except queue.Full:
+                self.dropped += 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush what is queued, stop the writer, close the sink."""
+        """Flush what is queued, stop the writer, close the sink (later puts count as
+        dropped). If the writer is still busy after ``timeout``, the sink is left open."""
+        with self._lock:
+            self._closed = True  # every put from here on is dropped, none is lost unseen
         if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
+            deadline = time.monotonic() + timeout
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                log.error("prediction log: writer still busy after %.0f s; sink left open",
+                          timeout)
+                return
         self.sink.close()
 
     def _flush(self, pending: list[LoggedBatch]) -> None:

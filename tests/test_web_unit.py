@@ -166,6 +166,39 @@ def test_prediction_log_survives_a_failing_sink():
     assert plog.failed == 2 and plog.written == 0
 
 
+def test_prediction_log_counts_puts_after_close_as_dropped(tmp_path):
+    path = tmp_path / "p.jsonl"
+    plog = PredictionLog(JsonlSink(path), flush_rows=100, flush_seconds=60).start()
+    plog.put(batch(2))
+    plog.close()
+    plog.put(batch(3))  # a request finishing after shutdown
+    assert plog.written == 2 and plog.dropped == 1
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_prediction_log_does_not_close_the_sink_under_a_busy_writer():
+    import threading
+
+    entered, release, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow:
+        def write(self, columns):
+            entered.set()
+            release.wait(30)
+
+        def close(self):
+            closed.set()
+
+    plog = PredictionLog(Slow(), flush_rows=1).start()
+    plog.put(batch(1))
+    assert entered.wait(10)
+    plog.close(timeout=0.2)  # the writer is stuck in write()
+    assert not closed.is_set()
+    release.set()
+    plog._thread.join(10)
+    assert plog.written == 1 and not plog._thread.is_alive()
+
+
 def test_parquet_sink_leaves_no_temp_file_when_a_write_fails(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
