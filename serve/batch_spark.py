@@ -61,7 +61,25 @@ def spark_input(uri: str) -> str:
 
 def score_with_spark(loaded, input_uri: str, month: str, pred_uri: str, rej_uri: str,
                      master: str = "local[*]", spark=None):
-    """Score ``input_uri`` on Spark into the two output files; returns (Totals, input shown)."""
+    """Score ``input_uri`` on Spark into the two output files; returns (Totals, input shown).
+
+    Without ``spark``, a session is started for this call and stopped at its end (unless
+    one was already active in this process: that one is used and left running).
+    """
+    if spark is not None:
+        return _score(spark, loaded, input_uri, month, pred_uri, rej_uri)
+    from pyspark.sql import SparkSession
+
+    owned = SparkSession.getActiveSession() is None
+    spark = spark_session(master)
+    try:
+        return _score(spark, loaded, input_uri, month, pred_uri, rej_uri)
+    finally:
+        if owned:
+            spark.stop()
+
+
+def _score(spark, loaded, input_uri: str, month: str, pred_uri: str, rej_uri: str):
     import mlflow.pyfunc
     import pandas as pd
     from pyspark.sql import functions as F
@@ -70,7 +88,6 @@ def score_with_spark(loaded, input_uri: str, month: str, pred_uri: str, rej_uri:
     from serve.features import MAX_MINUTES, MIN_MINUTES, RIDE_COLUMNS, check_rides
     from serve.tlc import DROPOFF_COLUMNS, PICKUP_COLUMNS
 
-    spark = spark or spark_session(master)
     path = spark_input(input_uri)
     raw = spark.read.parquet(path)
     names = set(raw.columns)

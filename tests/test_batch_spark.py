@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -9,7 +13,9 @@ import pytest
 
 from ops.synth import synth_month
 from serve import batch
+from serve.errors import InvalidInput
 
+ROOT = Path(__file__).resolve().parents[1]
 pyspark = pytest.importorskip("pyspark")
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
@@ -52,3 +58,28 @@ def test_spark_engine_output_equals_local_engine(tmp_path, registered_model, spa
     for k, v in local.metrics.items():
         assert on_spark.metrics[k] == pytest.approx(v, rel=1e-9), k
     assert on_spark.run_id is not None  # the evaluation run is logged for Spark too
+
+
+def test_spark_engine_stops_only_the_session_it_started(tmp_path, spark):
+    from serve.batch_spark import score_with_spark
+
+    # Fails right after the session is up (no trip_distance): no model needed.
+    bad = tmp_path / "green_tripdata_2021-06.parquet"
+    synth_month("green", "2021-06", 50, seed=6).to_pandas().drop(
+        columns="trip_distance").to_parquet(bad)
+    args = (None, str(bad), "2021-06", str(tmp_path / "p.parquet"), str(tmp_path / "r.parquet"))
+    # A session already running in the process is used and left running ...
+    with pytest.raises(InvalidInput, match="trip_distance"):
+        score_with_spark(*args, master="local[1]")
+    assert spark.range(3).count() == 3
+    # ... one started for the call is stopped (in a fresh process: none is running there).
+    code = ("import sys; from pyspark.sql import SparkSession; "
+            "from serve.batch_spark import score_with_spark; "
+            "from serve.errors import InvalidInput\n"
+            "try:\n    score_with_spark(None, *sys.argv[1:], master='local[1]')\n"
+            "except InvalidInput:\n    pass\n"
+            "print('active:', SparkSession.getActiveSession() is not None)")
+    res = subprocess.run([sys.executable, "-c", code, *args[1:]], capture_output=True,
+                         text=True, timeout=180, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "active: False"
