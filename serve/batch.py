@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
@@ -586,19 +586,26 @@ def backfill(model_uri: str, input_template: str, output: str, taxi_type: str,
 
     loaded = kwargs.pop("loaded", None)
     results = []
-    for month in months:
-        pred_uri = predictions_uri(output, taxi_type, month)
-        input_uri = month_input(input_template, taxi_type, month)
-        if not force and exists(pred_uri):
-            log.info("%s %s already done (%s): skipped; --force re-scores it", taxi_type,
-                     month, pred_uri)
-            results.append(MonthResult(taxi_type, month, input_uri, pred_uri,
-                                       rejects_uri(output, taxi_type, month), "",
-                                       skipped=True))
-            continue
-        loaded = loaded or load_model(model_uri)  # loaded once, only if some month needs it
-        results.append(score_month(model_uri, input_uri, output, taxi_type, month,
-                                   loaded=loaded, **kwargs))
+    with ExitStack() as stack:
+        for month in months:
+            pred_uri = predictions_uri(output, taxi_type, month)
+            input_uri = month_input(input_template, taxi_type, month)
+            if not force and exists(pred_uri):
+                log.info("%s %s already done (%s): skipped; --force re-scores it", taxi_type,
+                         month, pred_uri)
+                results.append(MonthResult(taxi_type, month, input_uri, pred_uri,
+                                           rejects_uri(output, taxi_type, month), "",
+                                           skipped=True))
+                continue
+            loaded = loaded or load_model(model_uri)  # loaded once, if some month needs it
+            if kwargs.get("engine") == "spark" and kwargs.get("spark") is None:
+                # One Spark session for every month, stopped after the last one.
+                from serve.batch_spark import scoped_session
+
+                kwargs["spark"] = stack.enter_context(
+                    scoped_session(kwargs.get("spark_master", "local[*]")))
+            results.append(score_month(model_uri, input_uri, output, taxi_type, month,
+                                       loaded=loaded, **kwargs))
     return results
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,12 +69,19 @@ def score_with_spark(loaded, input_uri: str, month: str, pred_uri: str, rej_uri:
     """
     if spark is not None:
         return _score(spark, loaded, input_uri, month, pred_uri, rej_uri)
+    with scoped_session(master) as spark:
+        return _score(spark, loaded, input_uri, month, pred_uri, rej_uri)
+
+
+@contextmanager
+def scoped_session(master: str = "local[*]"):
+    """A session for a block, stopped at its end unless it was already active before."""
     from pyspark.sql import SparkSession
 
     owned = SparkSession.getActiveSession() is None
     spark = spark_session(master)
     try:
-        return _score(spark, loaded, input_uri, month, pred_uri, rej_uri)
+        yield spark
     finally:
         if owned:
             spark.stop()
