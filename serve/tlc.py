@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -74,18 +75,27 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
     if dest.exists():
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    log.info("downloading %s", url)
-    with requests.get(url, stream=True, timeout=(10, 60)) as resp:
-        if resp.status_code != 200:
-            raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
-        total = int(resp.headers.get("content-length", 0)) or None
-        with open(tmp, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, desc=name,
-                                         disable=not sys.stderr.isatty()) as bar:
-            for chunk in resp.iter_content(chunk_size=1 << 20):
-                fh.write(chunk)
-                bar.update(len(chunk))
-    tmp.replace(dest)
+    # A temporary file of this download only (concurrent downloads each have their own),
+    # deleted on any failure: the cache holds complete files or nothing.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
+    tmp = Path(tmp_name)
+    try:
+        log.info("downloading %s", url)
+        with os.fdopen(fd, "wb") as fh, \
+                requests.get(url, stream=True, timeout=(10, 60)) as resp:
+            if resp.status_code != 200:
+                raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
+            total = int(resp.headers.get("content-length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name,
+                      disable=not sys.stderr.isatty()) as bar:
+                for chunk in resp.iter_content(chunk_size=1 << 20):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache is readable like before
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

@@ -226,3 +226,49 @@ def test_two_tracking_servers_in_one_process(tracking_server, months, tmp_path, 
     finally:
         mlflow.set_tracking_uri(tracking_server.uri)
         stop(other.proc.pid)
+
+
+@pytest.fixture
+def broken_http_server():
+    """Serves ``/cut.parquet`` announcing 1 MB and closing after 1 kB; 404 for the rest."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server name)
+            if self.path != "/cut.parquet":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"PAR1" + b"x" * 1020)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_failed_downloads_leave_nothing_in_the_cache(broken_http_server, months,
+                                                     http_file_server, tmp_path):
+    from serve.errors import InvalidInput
+    from serve.tlc import download
+
+    cache = tmp_path / "cache"
+    with pytest.raises(requests.exceptions.RequestException):
+        download(f"{broken_http_server}/cut.parquet", cache)  # connection closed mid-body
+    assert list(cache.iterdir()) == []
+    with pytest.raises(InvalidInput, match="HTTP 404"):
+        download(f"{broken_http_server}/missing.parquet", cache)
+    assert list(cache.iterdir()) == []
+    # A complete download is the only file left, readable like any cached month.
+    done = download(f"{http_file_server}/{months.val.name}", cache)
+    assert list(cache.iterdir()) == [done]
+    assert done.read_bytes() == months.val.read_bytes()
+    assert done.stat().st_mode & 0o777 == 0o644
