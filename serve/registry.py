@@ -57,7 +57,8 @@ class LoadedModel:
 
 
 def resolve_model(uri: str, client: MlflowClient | None = None) -> ModelRef:
-    """Pin ``models:/name@alias``, ``models:/name/Stage`` or ``models:/name/N`` to a version."""
+    """Pin ``models:/name@alias``, ``models:/name/Stage``, ``models:/name/latest`` (the
+    highest version, as MLflow reads it) or ``models:/name/N`` to a version."""
     m = _REGISTRY_URI.match(uri)
     if not m:
         return ModelRef(uri=uri, pinned_uri=uri)
@@ -68,12 +69,15 @@ def resolve_model(uri: str, client: MlflowClient | None = None) -> ModelRef:
     elif ref.isdigit():
         mv = client.get_model_version(name, ref)
     else:
+        latest = ref.lower() == "latest"  # case-insensitive, like MLflow
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            versions = client.get_latest_versions(name, stages=[ref])
+            # No stages: the latest version of every stage, the highest of which is latest.
+            versions = client.get_latest_versions(name, stages=None if latest else [ref])
         if not versions:
-            raise MlflowException(f"no version of model {name!r} is in stage {ref!r}")
-        mv = versions[0]
+            raise MlflowException(f"model {name!r} has no versions" if latest else
+                                  f"no version of model {name!r} is in stage {ref!r}")
+        mv = max(versions, key=lambda v: int(v.version))
     return ModelRef(uri=uri, pinned_uri=f"models:/{name}/{mv.version}", name=name,
                     version=str(mv.version), run_id=mv.run_id)
 

@@ -272,3 +272,15 @@ def test_failed_downloads_leave_nothing_in_the_cache(broken_http_server, months,
     assert list(cache.iterdir()) == [done]
     assert done.read_bytes() == months.val.read_bytes()
     assert done.stat().st_mode & 0o777 == 0o644
+
+
+def test_latest_resolves_to_the_highest_version(registered_model, tracking_server):
+    from serve.registry import resolve_model
+
+    client = MlflowClient()
+    highest = max(int(v.version) for v in client.search_model_versions("name='duration'"))
+    for uri in ("models:/duration/latest", "models:/duration/Latest"):
+        ref = resolve_model(uri)
+        assert ref.version == str(highest)
+        assert ref.pinned_uri == f"models:/duration/{highest}"
+        assert ref.run_id == client.get_model_version("duration", str(highest)).run_id
