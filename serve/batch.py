@@ -213,11 +213,15 @@ def _numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _micros(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A timestamp column as ``timestamp("us")`` (as is when it already is)."""
+    return col if col.type == pa.timestamp("us") else pc.cast(col, pa.timestamp("us"),
+                                                               safe=False)
+
+
 def minutes_between(pickup: pa.ChunkedArray, dropoff: pa.ChunkedArray) -> np.ndarray:
     """Duration in minutes; NaN where a timestamp is missing."""
-    p = _numpy(pc.cast(pickup, pa.timestamp("us"), safe=False))
-    d = _numpy(pc.cast(dropoff, pa.timestamp("us"), safe=False))
-    return (d - p) / np.timedelta64(60, "s")
+    return (_numpy(_micros(dropoff)) - _numpy(_micros(pickup))) / np.timedelta64(60, "s")
 
 
 def score_chunk(chunk: pa.Table, first_row: int, model, version: str,
@@ -233,8 +237,8 @@ def score_chunk(chunk: pa.Table, first_row: int, model, version: str,
     ok = reasons == ""
     ids = pc.binary_join_element_wise(
         id_prefix, pc.cast(pa.array(np.arange(first_row, first_row + n)), pa.string()), "")
-    pickup = pc.cast(chunk.column(PICKUP), pa.timestamp("us"), safe=False)
-    actual = minutes_between(chunk.column(PICKUP), chunk.column(DROPOFF))
+    pickup = _micros(chunk.column(PICKUP))
+    actual = minutes_between(pickup, chunk.column(DROPOFF))
 
     valid = Rides(rides.pu[ok], rides.do[ok], rides.distance[ok])
     pred = np.asarray(model.predict_rides(valid), dtype=np.float64)
@@ -246,14 +250,16 @@ def score_chunk(chunk: pa.Table, first_row: int, model, version: str,
         pa.repeat(pa.scalar(version, pa.string()), len(pred)),
     ], schema=OUTPUT_SCHEMA)
 
-    bad = pa.array(~ok)
-    rejects = pa.table([
-        ids.filter(bad), pickup.filter(bad),
-        *(pa.array(pd.to_numeric(frame[c], errors="coerce").to_numpy(np.float64,
-                                                                      na_value=np.nan)[~ok],
-                   from_pandas=True) for c in RIDE_COLUMNS),
-        pa.array(reasons[~ok].astype(str), pa.string()),
-    ], schema=REJECTS_SCHEMA)
+    if ok.all():
+        rejects = REJECTS_SCHEMA.empty_table()
+    else:  # only the rejected rows are converted
+        bad = pa.array(~ok)
+        rejects = pa.table([
+            ids.filter(bad), pickup.filter(bad),
+            *(pa.array(pd.to_numeric(frame[c].to_numpy()[~ok], errors="coerce")
+                       .astype(np.float64), from_pandas=True) for c in RIDE_COLUMNS),
+            pa.array(reasons[~ok].astype(str), pa.string()),
+        ], schema=REJECTS_SCHEMA)
 
     m = duration_mask(act)
     err = pred[m] - act[m]

@@ -147,6 +147,22 @@ def test_parquet_inputs_are_closed(months, tmp_path):
     assert _open_fds(path) == 0
 
 
+def test_score_chunk_without_rejects_and_with_other_time_units(ride_model):
+    times = pd.to_datetime(["2021-03-01 10:00", "2021-03-01 10:30"])
+    chunk = pa.table({
+        batch.PICKUP: pa.array(times, pa.timestamp("ms")),
+        batch.DROPOFF: pa.array(times + pd.Timedelta(minutes=12), pa.timestamp("ns")),
+        "PULocationID": pa.array([43, 7], pa.int64()),
+        "DOLocationID": pa.array([151, 8], pa.int64()),
+        "trip_distance": pa.array([1.8, 3.0]),
+    })
+    scored = batch.score_chunk(chunk, 0, ride_model, "7", "2021/03_")
+    assert scored.rejects.schema == batch.REJECTS_SCHEMA and scored.rejects.num_rows == 0
+    assert scored.predictions.schema == batch.OUTPUT_SCHEMA
+    assert scored.predictions.column("actual_duration").to_pylist() == [12.0, 12.0]
+    assert scored.predictions.column("pickup_datetime").to_pylist() == list(times)
+
+
 # -- against the real stack ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_uri(registered_model) -> str:
