@@ -453,6 +453,8 @@ def test_cli_finds_the_tracking_server_in_dotenv(tmp_path, months, model_uri, tr
 
     (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI={tracking_server.uri}\n")
     monkeypatch.chdir(tmp_path)
+    # Recorded first, so the teardown restores the server's URI, not the wrong one below.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
     # MLflow's own fallback in this process (set_tracking_uri also exports the variable,
     # so drop it afterwards: the CLI must find the server in .env alone).
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'wrong.db'}")
