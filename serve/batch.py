@@ -287,13 +287,10 @@ def _normalize(table: pa.Table, pickup: str, dropoff: str) -> pa.Table:
 
 def parquet_source(uri: str, batch_rows: int) -> Source:
     """A TLC parquet month (local, s3://, https://) read ``batch_rows`` at a time."""
-    from serve.tlc import open_parquet, time_columns
+    from serve.tlc import open_parquet, trip_columns
 
     with open_parquet(uri) as pf:
-        pickup, dropoff = time_columns(pf.schema_arrow)
-        missing = [c for c in RIDE_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise InvalidInput(f"{uri}: missing column {missing[0]!r}", field=missing[0])
+        pickup, dropoff = trip_columns(pf.schema_arrow.names, uri)
         rows = pf.metadata.num_rows
     columns = [pickup, dropoff, *RIDE_COLUMNS]
 
@@ -335,20 +332,14 @@ def database_source(uri: str, month: str | None, batch_rows: int) -> Source:
     """
     import sqlalchemy as sa
 
-    from serve.tlc import DROPOFF_COLUMNS, PICKUP_COLUMNS
+    from serve.tlc import trip_columns
 
     url, table_name, month = _database_parts(uri, month)
     schema, _, name = table_name.rpartition(".")
     engine = sa.create_engine(url)
     try:
         table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
-        names = set(table.columns.keys())
-        pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
-        dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
-        missing = [c for c in (pickup, dropoff, *RIDE_COLUMNS) if c is None or c not in names]
-        if missing:
-            what = missing[0] or "pickup/dropoff datetime"
-            raise InvalidInput(f"table {table_name!r} has no column {what!r}", field=what)
+        pickup, dropoff = trip_columns(table.columns.keys(), f"table {table_name!r}")
         year, mm = parse_month(month)
         start = pd.Timestamp(year=year, month=mm, day=1)
         end = start + pd.offsets.MonthBegin(1)

@@ -94,16 +94,11 @@ def _score(spark, loaded, input_uri: str, month: str, pred_uri: str, rej_uri: st
 
     from serve.batch import PICKUP, Totals, publish_file, ride_id_prefix
     from serve.features import MAX_MINUTES, MIN_MINUTES, RIDE_COLUMNS, check_rides
-    from serve.tlc import DROPOFF_COLUMNS, PICKUP_COLUMNS
+    from serve.tlc import trip_columns
 
     path = spark_input(input_uri)
     raw = spark.read.parquet(path)
-    names = set(raw.columns)
-    pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
-    dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
-    missing = [c for c in (pickup, dropoff, *RIDE_COLUMNS) if c is None or c not in names]
-    if missing:
-        raise InvalidInput(f"{input_uri}: missing column {missing[0] or 'pickup/dropoff'!r}")
+    pickup, dropoff = trip_columns(raw.columns, input_uri)
 
     @F.pandas_udf("string")
     def reason(pu: pd.Series, do: pd.Series, dist: pd.Series) -> pd.Series:

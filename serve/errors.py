@@ -48,3 +48,17 @@ class ModelNotReady(DurationError):
 
     error_code = "MODEL_NOT_READY"
     status_code = 503
+
+
+class NotFound(DurationError):
+    """No such endpoint."""
+
+    error_code = "ENDPOINT_NOT_FOUND"
+    status_code = 404
+
+
+class MethodNotAllowed(DurationError):
+    """The endpoint exists but not for this HTTP method."""
+
+    error_code = "METHOD_NOT_ALLOWED"
+    status_code = 405

@@ -20,7 +20,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -111,14 +110,19 @@ def open_parquet(uri: str) -> pq.ParquetFile:
         raise InvalidInput(f"no such file: {uri}") from e
 
 
-def time_columns(schema: pa.Schema) -> tuple[str, str]:
-    """Pickup and dropoff column names of a TLC schema (green ``lpep_*``, yellow ``tpep_*``)."""
-    names = set(schema.names)
+def trip_columns(names, source: str) -> tuple[str, str]:
+    """Pickup and dropoff column names among ``names`` (green ``lpep_*``, yellow ``tpep_*``),
+    checking the ride columns are there too; InvalidInput naming the first missing one.
+    One check for every reader: parquet files, database tables, Spark frames."""
+    names = set(names)
     pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
     dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
     if pickup is None or dropoff is None:
-        raise InvalidInput(f"not a TLC trip file: no pickup/dropoff datetime columns in "
-                           f"{sorted(names)}")
+        raise InvalidInput(f"{source}: not TLC trips: no pickup/dropoff datetime columns in "
+                           f"{sorted(names)}", field="pickup_datetime")
+    missing = [c for c in RIDE_COLUMNS if c not in names]
+    if missing:
+        raise InvalidInput(f"{source}: missing column {missing[0]!r}", field=missing[0])
     return pickup, dropoff
 
 
@@ -128,7 +132,7 @@ def read_training_frame(uri: str) -> pd.DataFrame:
     Keeps rows with 1 <= duration <= 60 and valid ride fields.
     """
     with open_parquet(uri) as pf:
-        pickup, dropoff = time_columns(pf.schema_arrow)
+        pickup, dropoff = trip_columns(pf.schema_arrow.names, uri)
         df = pf.read(columns=[*RIDE_COLUMNS, pickup, dropoff]).to_pandas()
     minutes = ride_durations(df[pickup], df[dropoff])
     _, reasons = check_rides(df)

@@ -34,7 +34,9 @@ from serve.config import Settings
 from serve.errors import (
     DurationError,
     InvalidInput,
+    MethodNotAllowed,
     ModelNotReady,
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
@@ -71,20 +73,6 @@ class WebSettings(Settings):
     web_max_rows: int = Field(10_000, description="Most rides per request (413).")
     web_log_predictions: str | None = Field(
         None, description="Prediction log: .jsonl file, parquet folder or SQLAlchemy URL.")
-
-
-class NotFound(DurationError):
-    """No such endpoint."""
-
-    error_code = "ENDPOINT_NOT_FOUND"
-    status_code = 404
-
-
-class MethodNotAllowed(DurationError):
-    """The endpoint exists but not for this HTTP method."""
-
-    error_code = "METHOD_NOT_ALLOWED"
-    status_code = 405
 
 
 # -- metrics ---------------------------------------------------------------------------------

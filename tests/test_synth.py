@@ -80,3 +80,16 @@ def test_cli_writes_parquet(tmp_path):
     meta = pq.read_metadata(out)
     assert meta.num_rows == 1234
     assert "tpep_pickup_datetime" in meta.schema.names
+
+
+@pytest.mark.parametrize(("taxi", "prefix"), [("green", "lpep"), ("yellow", "tpep")])
+def test_every_reader_finds_the_trip_columns_of_both_schemas(taxi, prefix):
+    from serve.errors import InvalidInput
+    from serve.tlc import trip_columns
+
+    names = synth.synth_month(taxi, "2021-01", 10).schema.names
+    assert trip_columns(names, "m") == (f"{prefix}_pickup_datetime", f"{prefix}_dropoff_datetime")
+    with pytest.raises(InvalidInput, match="missing column 'DOLocationID'"):
+        trip_columns([n for n in names if n != "DOLocationID"], "m")
+    with pytest.raises(InvalidInput, match="no pickup/dropoff"):
+        trip_columns(["PULocationID", "DOLocationID", "trip_distance"], "m")
