@@ -133,13 +133,17 @@ def server_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **extra)
 
 
-def embedded_server_cmd(state: Path, host: str, port: int, workers: int = 1) -> list[str]:
-    """``mlflow server`` with a sqlite backend and a proxied local artifact folder in ``state``."""
+def embedded_store(state: Path) -> tuple[str, str]:
+    """Artifact folder and sqlite store URI of an embedded stack kept in ``state``."""
     (state / "mlartifacts").mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
-            "--artifacts-destination", str(state / "mlartifacts"), "--serve-artifacts",
-            "--host", host, "--port", str(port), "--workers", str(workers)]
+    return str(state / "mlartifacts"), f"sqlite:///{state / 'mlflow.db'}"
+
+
+def embedded_server_cmd(state: Path, host: str, port: int, workers: int = 1) -> list[str]:
+    """``mlflow server`` with a sqlite backend and a proxied local artifact folder in ``state``
+    (a sqlite path holds no secret, so it may go on the command line)."""
+    destination, store = embedded_store(state)
+    return [*server_cmd(host, port, destination, workers), "--backend-store-uri", store]
 
 
 def server_cmd(host: str, port: int, destination: str, workers: int = 1,
@@ -323,8 +327,7 @@ def up_stack(paths: StackPaths, cfg: StackSettings, mode: str, host: str, port: 
             env.pop(key, None)  # only what we set below
         if mode == "embedded":
             state = paths.home / "embedded"
-            (state / "mlartifacts").mkdir(parents=True, exist_ok=True)
-            destination, store = str(state / "mlartifacts"), f"sqlite:///{state / 'mlflow.db'}"
+            destination, store = embedded_store(state)
             auth_db = f"sqlite:///{state / 'basic_auth.db'}"
         else:
             store = None if artifacts_only else prepare_postgres(paths, cfg)
