@@ -164,23 +164,15 @@ def parse_ride(record) -> tuple[int, int, float]:
     return values[0], values[1], dist
 
 
-def rides_from_records(records: Sequence) -> tuple[Rides, list[str]]:
-    """Parse decoded JSON rides without pandas; bad ones get a reason and placeholder values.
-
-    Returns the rides (all rows, placeholders where bad) and one reason per row
-    (``""`` when valid), so that one bad record never fails the others.
-    """
-    n = len(records)
-    pu = np.ones(n, dtype=np.int64)
-    do = np.ones(n, dtype=np.int64)
-    dist = np.zeros(n, dtype=np.float64)
-    reasons = [""] * n
-    for i, record in enumerate(records):
-        try:
-            pu[i], do[i], dist[i] = parse_ride(record)
-        except InvalidInput as e:
-            reasons[i] = e.message
-    return Rides(pu, do, dist), reasons
+def rides_from_rows(rows: Sequence[tuple[int, int, float]]) -> Rides:
+    """Rides from ``parse_ride`` tuples: the one builder for JSON inputs (web, stream)."""
+    if len(rows) == 1:  # the common one-ride request: skip zip/list building
+        pu, do, d = rows[0]
+        return Rides(np.array([pu], dtype=np.int64), np.array([do], dtype=np.int64),
+                     np.array([d], dtype=np.float64))
+    pu, do, d = zip(*rows, strict=True) if rows else ((), (), ())
+    return Rides(np.array(pu, dtype=np.int64), np.array(do, dtype=np.int64),
+                 np.array(d, dtype=np.float64))
 
 
 def ride_durations(pickup: pd.Series, dropoff: pd.Series) -> np.ndarray:

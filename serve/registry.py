@@ -82,16 +82,24 @@ def resolve_model(uri: str, client: MlflowClient | None = None) -> ModelRef:
                     version=str(mv.version), run_id=mv.run_id)
 
 
-def load_model(uri: str, client: MlflowClient | None = None) -> LoadedModel:
-    """Resolve ``uri`` to a version and load it as pyfunc; raises ModelNotReady on failure."""
+def load_ref(ref: ModelRef) -> LoadedModel:
+    """Load an already-pinned version (through the tracking server); ModelNotReady on failure."""
     t0 = time.perf_counter()
     try:
-        ref = resolve_model(uri, client)
         pyfunc = mlflow.pyfunc.load_model(ref.pinned_uri)
     except (MlflowException, OSError) as e:
-        raise ModelNotReady(f"cannot load model {uri!r}: {e}") from e
-    log.info("loaded %s (version %s) in %.2f s", uri, ref.version, time.perf_counter() - t0)
+        raise ModelNotReady(f"cannot load model {ref.uri!r}: {e}") from e
+    log.info("loaded %s (version %s) in %.2f s", ref.uri, ref.version, time.perf_counter() - t0)
     return LoadedModel(pyfunc=pyfunc, ref=ref)
+
+
+def load_model(uri: str, client: MlflowClient | None = None) -> LoadedModel:
+    """Resolve ``uri`` to a version and load it as pyfunc; raises ModelNotReady on failure."""
+    try:
+        ref = resolve_model(uri, client)
+    except (MlflowException, OSError) as e:
+        raise ModelNotReady(f"cannot load model {uri!r}: {e}") from e
+    return load_ref(ref)
 
 
 def experiment_id(name: str, client: MlflowClient | None = None) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from serve.errors import DurationError, InvalidInput, UnsupportedMediaType
-from serve.features import MAX_LOCATION, MIN_LOCATION, RIDE_COLUMNS, Rides
+from serve.features import MAX_LOCATION, MIN_LOCATION, RIDE_COLUMNS, Rides, rides_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ def _fast_ride(record) -> tuple[int, int, float] | None:
             and 0 <= d <= sys.float_info.max):  # <= max: a huge int must not overflow float()
         return pu, do, float(d)
     return None
-
-
-def rides_from_rows(rows: list[tuple[int, int, float]]) -> Rides:
-    """Rides from parsed (PU, DO, distance) tuples."""
-    if len(rows) == 1:  # the common one-ride request: skip zip/list building
-        pu, do, d = rows[0]
-        return Rides(np.array([pu], dtype=np.int64), np.array([do], dtype=np.int64),
-                     np.array([d], dtype=np.float64))
-    pu, do, d = zip(*rows, strict=True)
-    return Rides(np.array(pu, dtype=np.int64), np.array(do, dtype=np.int64),
-                 np.array(d, dtype=np.float64))
 
 
 def _records(records: list) -> Rides | None:

@@ -40,9 +40,9 @@ from serve.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from serve.features import RIDE_COLUMNS, Rides, parse_ride
+from serve.features import RIDE_COLUMNS, Rides, parse_ride, rides_from_rows
 from serve.predlog import LoggedBatch, PredictionLog, open_sink
-from serve.registry import LoadedModel, ModelRef, resolve_model
+from serve.registry import LoadedModel, load_ref, resolve_model
 from serve.scoring import (
     CONTENT_TYPE_JSON,
     decode_json,
@@ -51,7 +51,6 @@ from serve.scoring import (
     media_type,
     mlflow_predict,
     mlflow_rows,
-    rides_from_rows,
 )
 
 log = logging.getLogger("serve.web")
@@ -139,17 +138,6 @@ def activate(loaded: LoadedModel) -> Active:
     """Unwrap a loaded pyfunc once into what the request path uses."""
     return Active(loaded, loaded.python_model, loaded.pyfunc.metadata.get_input_schema(),
                   loaded.version)
-
-
-def load_ref(ref: ModelRef) -> LoadedModel:
-    """Load an already-pinned model version (downloaded through the tracking server)."""
-    import mlflow
-
-    t0 = time.perf_counter()
-    pyfunc = mlflow.pyfunc.load_model(ref.pinned_uri)
-    log.info("loaded %s (version %s) in %.2f s", ref.pinned_uri, ref.version,
-             time.perf_counter() - t0)
-    return LoadedModel(pyfunc=pyfunc, ref=ref)
 
 
 class ModelHolder:

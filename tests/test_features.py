@@ -18,7 +18,7 @@ from serve.features import (
     parse_ride,
     ride_dicts,
     ride_durations,
-    rides_from_records,
+    rides_from_rows,
     validate_rides,
 )
 from serve.model import RideDurationModel
@@ -82,19 +82,24 @@ def test_good_values_accepted_in_every_form():
     # integral floats (a column with nulls elsewhere) and ints for distance are fine; extra keys
     # are ignored.
     rides = [GOOD, {"PULocationID": 1.0, "DOLocationID": 265, "trip_distance": 0, "x": "y"}]
-    parsed, reasons = rides_from_records(rides)
-    assert reasons == ["", ""]
+    parsed = rides_from_rows([parse_ride(r) for r in rides])
     assert parsed.pu.tolist() == [43, 1] and parsed.do.tolist() == [151, 265]
     assert parsed.distance.tolist() == [1.8, 0.0]
     framed = validate_rides(pd.DataFrame(rides))
     assert framed.pu.tolist() == [43, 1] and framed.distance.tolist() == [1.8, 0.0]
 
 
-def test_one_bad_record_does_not_fail_the_others():
-    parsed, reasons = rides_from_records([GOOD, "not a ride", {**GOOD, "trip_distance": -1}, GOOD])
-    assert [r == "" for r in reasons] == [True, False, False, True]
-    assert "JSON object" in reasons[1]
-    assert parsed.pu[[0, 3]].tolist() == [43, 43]
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_rides_from_rows_builds_typed_columns_for_any_count(n):
+    rides = rides_from_rows([(43, 151, 1.8)] * n)
+    assert len(rides) == n
+    assert (rides.pu.dtype, rides.do.dtype, rides.distance.dtype) == (np.int64, np.int64,
+                                                                      np.float64)
+
+
+def test_a_ride_must_be_an_object():
+    with pytest.raises(InvalidInput, match="JSON object"):
+        parse_ride("not a ride")
 
 
 def test_duration_filter_keeps_one_to_sixty_minutes():

@@ -22,10 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-import numpy as np
-
 from serve.errors import InvalidInput
-from serve.features import Rides, parse_ride
+from serve.features import Rides, parse_ride, rides_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +110,21 @@ def decode_data(data: str) -> tuple[int | str, tuple[int, int, float]]:
 
 def decode_records(records: Sequence[Mapping]) -> DecodedBatch:
     """Decode the ``Records`` of a Kinesis event; one bad record never fails the others."""
-    positions, ids, pu, do, dist, poison = [], [], [], [], [], []
+    positions, ids, rows, poison = [], [], [], []
     for i, record in enumerate(records):
         try:
             try:
                 data = record["kinesis"]["data"]
             except (KeyError, TypeError) as e:
                 raise PoisonRecord("record has no kinesis.data", field="data") from e
-            ride_id, (p, d, km) = decode_data(data)
+            ride_id, ride = decode_data(data)
         except PoisonRecord as e:
             poison.append((i, e.message))
             continue
         positions.append(i)
         ids.append(ride_id)
-        pu.append(p)
-        do.append(d)
-        dist.append(km)
-    rides = Rides(np.asarray(pu, dtype=np.int64), np.asarray(do, dtype=np.int64),
-                  np.asarray(dist, dtype=np.float64))
-    return DecodedBatch(positions, ids, rides, poison)
+        rows.append(ride)
+    return DecodedBatch(positions, ids, rides_from_rows(rows), poison)
 
 
 # -- encoding -----------------------------------------------------------------------------
