@@ -10,7 +10,7 @@ input with the same registered model:
 (a) baseline, as in the MLOps Zoomcamp ``score.py``: ``pd.read_parquet``, duration and
     1..60 min filter, ``df[categorical].astype(str)``, ``to_dict(orient="records")``,
     ``DictVectorizer + LinearRegression`` pipeline predict, ``to_parquet``;
-(b) ``serve.batch.score_month`` (chunked, vectorized; evaluation run off, the baseline
+(b) ``serve.batch.run.score_month`` (chunked, vectorized; evaluation run off, the baseline
     has none).
 
 Prints the read parquet -> write parquet time (after imports and model load,
@@ -85,9 +85,9 @@ def run_baseline(model_uri: str, input_path: str, output: str, month: str) -> di
 
 
 def run_serve_batch(model_uri: str, input_path: str, output: str, month: str) -> dict:
-    """serve.batch.score_month on the same input."""
+    """serve.batch.run.score_month on the same input."""
     t0 = time.perf_counter()
-    from serve.batch import score_month
+    from serve.batch.run import score_month
     from serve.registry import load_model
 
     loaded = load_model(model_uri)

@@ -9,7 +9,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 import ops.stackconfig
-from serve.batch import BatchSettings
+from serve.batch.run import BatchSettings
 from serve.config import Settings
 from serve.stream.app import StreamSettings
 from serve.web import WebSettings

@@ -33,7 +33,8 @@ def build_flow():
     """The Prefect flow ``duration-batch``: one task per month, retried on failure."""
     from prefect import flow, task
 
-    from serve.batch import backfill, month_range
+    from serve.batch.months import month_range
+    from serve.batch.run import backfill
 
     @task(retries=2, retry_delay_seconds=300)
     def score(model_uri: str, input_template: str | None, output: str, taxi_type: str,
