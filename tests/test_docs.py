@@ -12,7 +12,7 @@ import ops.stackconfig
 from serve.batch.run import BatchSettings
 from serve.config import Settings
 from serve.stream.app import StreamSettings
-from serve.web import WebSettings
+from serve.web.settings import WebSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

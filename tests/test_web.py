@@ -147,7 +147,7 @@ def test_metrics_count_requests_predictions_and_model(web):
 def test_a_large_batch_is_scored_off_the_event_loop_with_the_same_numbers(web):
     import mlflow
 
-    from serve.web import OFFLOAD_BYTES
+    from serve.web.app import OFFLOAD_BYTES
 
     n = MAX_ROWS
     rides = pd.DataFrame({"PULocationID": [1 + i % 265 for i in range(n)],
