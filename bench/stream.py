@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 
 from ops.procs import free_port, http_ok, start, stop, wait_for  # noqa: E402
-from serve.stream import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
+from serve.stream.core import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
     produce,

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from serve.config import Settings
-from serve.stream import CollectingSink, LogSink, Sink, StreamService
+from serve.stream.core import CollectingSink, LogSink, Sink, StreamService
 
 log = logging.getLogger(__name__)
 

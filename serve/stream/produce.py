@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import click
 import numpy as np
 
-from serve.stream import OutRecord, encode
+from serve.stream.core import OutRecord, encode
 from serve.stream.sinks import MAX_RECORDS, KinesisSink
 
 log = logging.getLogger(__name__)
