@@ -146,7 +146,7 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     import logging
 
     from ops.procs import free_port, http_ok, start, stop, wait_for
-    from ops.stackctl import embedded_server_cmd, server_env
+    from ops.stackctl.server import embedded_server_cmd, server_env
     from ops.synth import write_month
 
     logging.basicConfig(level=logging.WARNING)

@@ -31,7 +31,7 @@ import click
 import numpy as np
 
 from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 
 from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 
 log = logging.getLogger("demo")

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from ops.pg import drop_database_and_role, ensure_postgres_running, ensure_role_and_database
 from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.stackctl.pg import (
+    drop_database_and_role,
+    ensure_postgres_running,
+    ensure_role_and_database,
+)
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from ops.pg import drop_database_and_role, masked, store_uri
 from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackconfig import is_placeholder, write_private
-from ops.stackctl import StackPaths, default_allowed_hosts, read_pid, server_cmd, write_pid
+from ops.stackctl.config import is_placeholder, write_private
+from ops.stackctl.pg import drop_database_and_role, masked, store_uri
+from ops.stackctl.server import default_allowed_hosts, server_cmd
+from ops.stackctl.state import StackPaths, read_pid, write_pid
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]

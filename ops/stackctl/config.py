@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr
 
 from serve.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Values nobody should run a server with; every value in .env.example is refused as well.
 PLACEHOLDERS = {"changeme", "change-me", "change_me", "password", "passwd", "secret", "admin",
                 "mlflow", "postgres", "test", "testing", "example", "xxx", "todo"}
@@ -94,3 +94,8 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def secret_value(value: SecretStr | None) -> str | None:
+    """The plain text of an optional secret setting (None when unset or empty)."""
+    return (value.get_secret_value() or None) if value is not None else None
