@@ -26,7 +26,12 @@ import numpy as np
 import pandas as pd
 
 from serve import registry
-from serve.config import PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME, get_settings
+from serve.config import (
+    PRODUCTION_ALIAS,
+    PRODUCTION_STAGE,
+    REGISTERED_MODEL_NAME,
+    use_tracking_server,
+)
 from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
 from serve.model import RideDurationModel
 from serve.tlc import read_training_frame
@@ -152,7 +157,7 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
+    use_tracking_server()
 
     train_df = read_training_frame(train)
     val_df = read_training_frame(val)

@@ -11,6 +11,7 @@ import click
 
 from serve.batch.months import TAXI_TYPES, infer_from_name, is_database, month_input, month_range
 from serve.batch.run import ENGINES, BatchSettings, backfill, score_month
+from serve.config import use_tracking_server
 from serve.errors import InvalidInput
 
 
@@ -46,10 +47,7 @@ def main(model_uri, input_uri, output, taxi_type, month, first, last, force, eng
     settings = BatchSettings()
     if batch_rows:
         settings.batch_rows = batch_rows
-    import mlflow
-
-    # Like every mode: the tracking server from the environment, `.env` or the default.
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    use_tracking_server(settings)
     model_uri = model_uri or settings.model_uri
     name_taxi, name_month = infer_from_name(input_uri or "")
     taxi_type = taxi_type or name_taxi or "green"

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from serve.config import use_tracking_server
 from serve.web.app import create_app
 from serve.web.settings import WebSettings
 
@@ -53,14 +54,14 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
         "web_max_rows": max_rows, "web_log_predictions": log_predictions}.items()
         if v is not None}
     settings = WebSettings(**overrides)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+    tracking_uri = use_tracking_server(settings)
     _bounded_registry_calls()
     # The *_created series double the /metrics page and no dashboard here uses them.
     import prometheus_client
 
     prometheus_client.disable_created_metrics()
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
-             settings.web_host, settings.web_port, os.environ["MLFLOW_TRACKING_URI"],
+             settings.web_host, settings.web_port, tracking_uri,
              settings.web_poll_interval)
     uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
                 loop="uvloop", http="httptools", lifespan="on", access_log=False,
