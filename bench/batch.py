@@ -143,13 +143,12 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     if child:
         print(json.dumps(CONTENDERS[child](model_uri, input_path, output, month)), flush=True)
         return
-    import logging
-
     from ops.procs import free_port, http_ok, start, stop, wait_for
     from ops.stackctl.server import embedded_server_cmd, server_env
     from ops.synth import write_month
+    from serve.logs import setup_logging
 
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         tmp = Path(tmp)
         port = free_port()

@@ -27,6 +27,7 @@ import requests
 from ops.procs import free_port, http_ok, start, stop, wait_for
 from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
+from serve.logs import setup_logging
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ class Demo:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s demo  %(message)s")
+    setup_logging("INFO")
     signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(HOME / "logs", ignore_errors=True)
     (HOME / "logs").mkdir(parents=True)

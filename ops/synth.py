@@ -26,6 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serve.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 N_ZONES = 265
@@ -205,7 +207,7 @@ def write_month(taxi: str, month: str, rows: int, out: str | Path, seed: int = 0
               help="Output parquet path [default: data/<taxi>_tripdata_<month>.parquet].")
 def main(taxi: str, month: str, rows: int, seed: int, out: str | None) -> None:
     """Write a synthetic TLC-schema month of taxi trips as parquet."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("INFO")
     out = out or f"data/{taxi}_tripdata_{month}.parquet"
     t0 = time.perf_counter()
     path = write_month(taxi, month, rows, out, seed)

@@ -29,6 +29,7 @@ from ops.stackctl.state import (
     start_component,
     stop_components,
 )
+from serve.logs import setup_logging
 
 log = logging.getLogger("stack")
 
@@ -135,7 +136,7 @@ def _quiet(check) -> bool:
 @click.group()
 def cli() -> None:
     """Start, stop and inspect the MLflow tracking stack."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s stack %(message)s")
+    setup_logging("INFO")
     retries = logging.getLogger("ops.procs")
     retries.setLevel(logging.DEBUG)  # one line per bounded-retry attempt, kept short
     retries.addFilter(_shorten)

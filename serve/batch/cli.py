@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import click
 
@@ -13,6 +12,7 @@ from serve.batch.months import TAXI_TYPES, infer_from_name, is_database, month_i
 from serve.batch.run import ENGINES, BatchSettings, backfill, score_month
 from serve.config import use_tracking_server
 from serve.errors import InvalidInput
+from serve.logs import setup_logging
 
 
 @click.command(context_settings={"show_default": True})
@@ -40,8 +40,7 @@ from serve.errors import InvalidInput
 def main(model_uri, input_uri, output, taxi_type, month, first, last, force, engine,
          spark_master, evaluate, batch_rows, verbose) -> None:
     """Score a month of rides (or a range of months) into predictions parquet."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
     # stdout carries one JSON line per month (run ids included), not MLflow's "View run" lines.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = BatchSettings()

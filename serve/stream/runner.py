@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import click
 from botocore.exceptions import ClientError
 
+from serve.logs import setup_logging
 from serve.stream.app import Handler
 from serve.stream.checkpoints import Checkpoints, DryRunCheckpoints, consumer_checkpoints
 
@@ -289,8 +290,7 @@ def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_lo
 
     from serve.stream.app import StreamSettings, build_handler
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("INFO")
     overrides = {"predictions_stream_name": output_stream, "kinesis_endpoint_url": endpoint_url,
                  "model_uri": model_uri, "model_location": model_location,
                  "model_version": model_version, "dead_letter_destination": dead_letter,

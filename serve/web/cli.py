@@ -8,6 +8,7 @@ import os
 import click
 
 from serve.config import use_tracking_server
+from serve.logs import setup_logging
 from serve.web.app import create_app
 from serve.web.settings import WebSettings
 
@@ -46,8 +47,7 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
     /metrics."""
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(log_level)
     overrides = {k: v for k, v in {
         "model_uri": model_uri, "web_host": host, "web_port": port,
         "web_poll_interval": poll_interval, "web_max_body_bytes": max_body_bytes,
