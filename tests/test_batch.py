@@ -234,7 +234,7 @@ def test_local_month_end_to_end_with_evaluation_run(tmp_path, months, model_uri,
 
     # a re-run replaces the month with the same ride ids and predictions
     again = score_month(model_uri, str(months.test), str(out), "green", "2021-03",
-                              evaluate=False)
+                        evaluate=False)
     assert again.run_id is None
     pd.testing.assert_frame_equal(_read(str(path)), df)
 
@@ -249,7 +249,7 @@ def test_rejects_file_for_planted_bad_rows(tmp_path, model_uri, tracking_server)
     src = tmp_path / "yellow_tripdata_2021-04.parquet"
     df.to_parquet(src)
     result = score_month(model_uri, str(src), str(tmp_path / "out"), "yellow", "2021-04",
-                               evaluate=False)
+                         evaluate=False)
     rej = _read(result.rejects)
     assert result.rejects.endswith("_rejects/taxi_type=yellow/year=2021/month=04/rejects.parquet")
     assert rej["ride_id"].tolist() == [f"2021/04_{i}" for i in (10, 20, 30, 40, 50)]
@@ -267,7 +267,7 @@ def test_s3_input_and_output(tmp_path, months, model_uri, moto, monkeypatch):
     s3.create_bucket(Bucket="rides")
     s3.upload_file(str(months.test), "rides", "in/green_tripdata_2021-03.parquet")
     result = score_month(model_uri, "s3://rides/in/green_tripdata_2021-03.parquet",
-                               "s3://rides/scored", "green", "2021-03", evaluate=False)
+                         "s3://rides/scored", "green", "2021-03", evaluate=False)
     # (pyarrow leaves empty "dir/" marker keys after deleting the temporary key: ignored)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="rides", Prefix="scored/")[
         "Contents"] if not o["Key"].endswith("/"))
@@ -275,7 +275,7 @@ def test_s3_input_and_output(tmp_path, months, model_uri, moto, monkeypatch):
                     "scored/taxi_type=green/year=2021/month=03/predictions.parquet"]
     s3.download_file("rides", keys[1], str(tmp_path / "p.parquet"))
     local = score_month(model_uri, str(months.test), str(tmp_path / "out"), "green",
-                              "2021-03", evaluate=False)
+                        "2021-03", evaluate=False)
     pd.testing.assert_frame_equal(_read(str(tmp_path / "p.parquet")), _read(local.predictions))
     assert result.metrics == local.metrics
 
@@ -294,7 +294,7 @@ def test_https_style_input_is_downloaded_once_and_scored(tmp_path, months, model
         monkeypatch.setenv("DURATION_CACHE", str(tmp_path / "cache"))
         url = f"{base}/{months.test.name}"
         result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
-                                   evaluate=False)
+                             evaluate=False)
     finally:
         stop(server.pid)
     assert result.metrics["rows"] == 40_000
@@ -338,12 +338,12 @@ def test_postgres_table_input(tmp_path, months, model_uri, postgres, tracking_se
     engine.dispose()
     url = f"{postgres}?table=rides&month=2021-03"
     result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
-                               evaluate=False, settings=BatchSettings(batch_rows=7_000))
+                         evaluate=False, settings=BatchSettings(batch_rows=7_000))
     assert "?table=rides&month=2021-03" in result.input
     assert "duration_test:" not in result.input  # no password in logs and runs
     out = _read(result.predictions)
     ref = _read(score_month(model_uri, str(months.test), str(tmp_path / "ref"), "green",
-                                  "2021-03", evaluate=False).predictions)
+                            "2021-03", evaluate=False).predictions)
     assert len(out) == len(ref)
     assert out["pickup_datetime"].is_monotonic_increasing  # ordered, so ride ids are stable
     key = ["pickup_datetime", "PULocationID", "DOLocationID", "predicted_duration"]
@@ -384,10 +384,10 @@ def test_postgres_source_releases_its_connections(postgres):
     try:
         with pytest.raises(InvalidInput, match="trip_distance"):
             database_source(f"{postgres}?application_name={app}&table=leak_nodist",
-                                  "2021-03", 1)
+                            "2021-03", 1)
         wait_for(none_open, "connections closed after a missing column", timeout=10)
         source = database_source(f"{postgres}?application_name={app}&table=leak_rides",
-                                       "2021-03", 1)
+                                 "2021-03", 1)
         assert source.rows is None  # no tty: no COUNT(*) just for a progress bar
         chunks = source.chunks()
         assert next(chunks).num_rows == 1
@@ -411,10 +411,10 @@ def test_backfill_skips_done_months_unless_forced(tmp_path, months, model_uri, t
     assert (tmp_path / "out/taxi_type=green/year=2021/month=02/predictions.parquet").is_file()
     assert (tmp_path / "out/taxi_type=green/year=2021/month=03/predictions.parquet").is_file()
     results = backfill(model_uri, template, out, "green", ["2021-02", "2021-03"],
-                             evaluate=False)
+                       evaluate=False)
     assert [r.skipped for r in results] == [True, True]
     forced = backfill(model_uri, template, out, "green", ["2021-03"], force=True,
-                            evaluate=False)
+                      evaluate=False)
     assert not forced[0].skipped and forced[0].metrics["rows"] == 40_000
     bad = runner.invoke(main, [*args[:2], "--input", str(months.val), "--output", out,
                                      "--from", "2021-02", "--to", "2021-03"])

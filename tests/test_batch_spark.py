@@ -41,9 +41,9 @@ def test_spark_engine_output_equals_local_engine(tmp_path, registered_model, spa
     model_uri = f"models:/duration/{registered_model['version']}"
 
     local = score_month(model_uri, str(src), str(tmp_path / "local"), "green", "2021-06",
-                              evaluate=False)
+                        evaluate=False)
     on_spark = score_month(model_uri, str(src), str(tmp_path / "spark"), "green",
-                                 "2021-06", engine="spark", evaluate=True, spark=spark)
+                           "2021-06", engine="spark", evaluate=True, spark=spark)
 
     # same partition path under each root, same columns and types, same values
     assert on_spark.predictions.replace("/spark/", "/local/") == local.predictions
