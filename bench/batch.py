@@ -143,7 +143,7 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     if child:
         print(json.dumps(CONTENDERS[child](model_uri, input_path, output, month)), flush=True)
         return
-    from ops.procs import free_port, http_ok, start, stop, wait_for
+    from ops.procs import free_port, http_ok, spawn, stop
     from ops.stackctl.server import embedded_server_cmd, server_env
     from ops.synth import write_month
     from serve.logs import setup_logging
@@ -152,11 +152,11 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         tmp = Path(tmp)
         port = free_port()
-        server = start(embedded_server_cmd(tmp / "mlflow", "127.0.0.1", port),
-                       tmp / "server.log", env=server_env())
+        uri = f"http://127.0.0.1:{port}"
+        server = spawn(embedded_server_cmd(tmp / "mlflow", "127.0.0.1", port),
+                       tmp / "server.log", http_ok(f"{uri}/health"), "mlflow server",
+                       timeout=120, env=server_env())
         try:
-            uri = f"http://127.0.0.1:{port}"
-            wait_for(http_ok(f"{uri}/health"), "mlflow server", timeout=120, proc=server)
             os.environ["MLFLOW_TRACKING_URI"] = uri
             from train import run_training
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 
-from ops.procs import free_port, http_ok, start, stop, wait_for  # noqa: E402
+from ops.procs import free_port, http_ok, spawn, stop, wait_for  # noqa: E402
 from serve.stream.core import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
@@ -143,11 +143,11 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    moto = start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                  "-p", str(port)], work / "moto.log")
+    moto = spawn([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                  "-p", str(port)], work / "moto.log", http_ok(f"{endpoint}/moto-api/"),
+                 "moto_server", timeout=60)
     runner = None
     try:
-        wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=moto)
         client = boto3.client("kinesis", endpoint_url=endpoint)
 
         # One model for everybody: trained on a synthetic month, saved as an MLflow model.
@@ -181,14 +181,14 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         ensure_stream(client, "rides_in", shards)
         ensure_stream(client, "predictions", shards)
         env = {**os.environ, **AWS_ENV}
-        runner = start([sys.executable, "-m", "serve.stream", "--input-stream", "rides_in",
+        runner = spawn([sys.executable, "-m", "serve.stream", "--input-stream", "rides_in",
                         "--output-stream", "predictions", "--endpoint-url", endpoint,
                         "--consumer", "bench", "--model-location", str(work / "model"),
                         "--model-version", "1", "--batch-size", str(batch_size),
                         "--poll-interval", "0.1", "--checkpoint-dir", str(work / "cp")],
-                       work / "runner.log", env=env, cwd=ROOT)
-        wait_for(lambda: "reading rides_in" in (work / "runner.log").read_text(), "runner",
-                 timeout=120, proc=runner)
+                       work / "runner.log",
+                       lambda: "reading rides_in" in (work / "runner.log").read_text(), "runner",
+                       timeout=120, env=env, cwd=ROOT)
         tail = Tail(client, "predictions")
         tail.start()
         n = int(seconds * rate * shards)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
+from ops.procs import free_port, http_ok, spawn, stop
 from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 from serve.logs import setup_logging
@@ -51,9 +51,9 @@ class Demo:
     def spawn(self, name: str, cmd: list[str], ready_url: str, timeout: float = 120,
               env: dict | None = None):
         """Start a long-running process, stop it when the demo ends, wait until ready."""
-        proc = start(cmd, self.logs / f"{name}.log", env={**self.env, **(env or {})}, cwd=ROOT)
+        proc = spawn(cmd, self.logs / f"{name}.log", http_ok(ready_url), name, timeout=timeout,
+                     env={**self.env, **(env or {})}, cwd=ROOT)
         self.stack.callback(stop, proc.pid)
-        wait_for(http_ok(ready_url), name, timeout=timeout, proc=proc)
         log.info("%s ready (logs: %s)", name, self.logs / f"{name}.log")
         return proc
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
+from ops.procs import free_port, http_ok, spawn, stop
 from ops.stackctl.pg import (
     drop_database_and_role,
     ensure_postgres_running,
@@ -74,10 +74,9 @@ class TrackingServer:
 def start_tracking_server(home: Path, port: int | None = None) -> TrackingServer:
     """Start an embedded-mode tracking server in ``home`` and wait until it is healthy."""
     port = port or free_port()
-    cmd = embedded_server_cmd(home, "127.0.0.1", port)
-    proc = start(cmd, home / "server.log", env=server_env())
     uri = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{uri}/health"), "mlflow server", timeout=120, proc=proc)
+    proc = spawn(embedded_server_cmd(home, "127.0.0.1", port), home / "server.log",
+                 http_ok(f"{uri}/health"), "mlflow server", timeout=120, env=server_env())
     return TrackingServer(uri=uri, home=home, proc=proc, port=port)
 
 
@@ -124,9 +123,9 @@ class Moto:
 def moto(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = start([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log)
     endpoint = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=proc)
+    proc = spawn([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log,
+                 http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60)
     yield Moto(endpoint)
     stop(proc.pid)
 

@@ -283,14 +283,14 @@ def test_s3_input_and_output(tmp_path, months, model_uri, moto, monkeypatch):
 def test_https_style_input_is_downloaded_once_and_scored(tmp_path, months, model_uri,
                                                          monkeypatch):
     """The TLC URL path, against a local HTTP server (no internet in CI)."""
-    from ops.procs import free_port, http_ok, start, stop, wait_for
+    from ops.procs import free_port, http_ok, spawn, stop
 
     port = free_port()
-    server = start([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                    "--directory", str(months.test.parent)], tmp_path / "http.log")
+    base = f"http://127.0.0.1:{port}"
+    server = spawn([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                    "--directory", str(months.test.parent)], tmp_path / "http.log",
+                   http_ok(f"{base}/"), "http.server", timeout=30)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(http_ok(f"{base}/"), "http.server", timeout=30, proc=server)
         monkeypatch.setenv("DURATION_CACHE", str(tmp_path / "cache"))
         url = f"{base}/{months.test.name}"
         result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
+from ops.procs import free_port, http_ok, spawn, stop, wait_for
 from ops.stackctl.config import is_placeholder, write_private
 from ops.stackctl.pg import drop_database_and_role, masked, store_uri
 from ops.stackctl.server import default_allowed_hosts, server_cmd
@@ -240,12 +240,12 @@ def test_client_run_lands_in_postgres_and_the_bucket(stack, trained):
 def test_client_serves_production_model_without_s3_credentials(stack, trained, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+    proc = spawn([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                   "models:/duration@production", "--env-manager", "local",
                   "-h", "127.0.0.1", "-p", str(port)], tmp_path / "serve.log",
+                 http_ok(f"{url}/ping"), "mlflow models serve", timeout=180,
                  env=stack.client_env())
     try:
-        wait_for(http_ok(f"{url}/ping"), "mlflow models serve", timeout=180, proc=proc)
         resp = requests.post(f"{url}/invocations", json={"dataframe_records": [RIDE]},
                              timeout=30)
         assert resp.status_code == 200, resp.text

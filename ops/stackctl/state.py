@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from ops.procs import start, stop, wait_for
+from ops.procs import spawn, stop
 
 log = logging.getLogger("stack")
 
@@ -72,21 +73,26 @@ def read_pid(paths: StackPaths, component: str) -> int | None:
 def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict,
                     ready, timeout: float) -> int:
     """Start one component, record its pid, wait until ``ready()`` holds (bounded); on any
-    failure, Ctrl-C included, stop it and remove its pid file."""
-    proc = start(cmd, paths.logfile(component), env=env)
-    try:
+    failure, Ctrl-C included, it is stopped (by :func:`ops.procs.spawn`) and its pid file
+    removed."""
+    started: list[subprocess.Popen] = []
+
+    def record(proc: subprocess.Popen) -> None:
+        started.append(proc)
         write_pid(paths, component, proc.pid)
-        wait_for(ready, component, timeout=timeout, proc=proc)
+
+    try:
+        proc = spawn(cmd, paths.logfile(component), ready, component, timeout=timeout, env=env,
+                     on_start=record)
     except (TimeoutError, RuntimeError) as e:
-        why = (f"exited with code {proc.returncode} while starting" if proc.poll() is not None
-               else f"not ready after {timeout:.0f} s")
-        stop(proc.pid)
+        # wait_for raises RuntimeError when the process exited, TimeoutError when it is late.
+        why = (f"exited with code {started[0].returncode} while starting"
+               if isinstance(e, RuntimeError) and started else f"not ready after {timeout:.0f} s")
         paths.pidfile(component).unlink(missing_ok=True)
         tail = paths.logfile(component).read_text(errors="replace").strip().splitlines()[-2:]
         raise click.ClickException(f"{component}: {why}; log {paths.logfile(component)}: "
                                    f"{' | '.join(ln.strip() for ln in tail)}") from e
     except BaseException:
-        stop(proc.pid)
         paths.pidfile(component).unlink(missing_ok=True)
         raise
     log.info("%s ready (pid %d)", component, proc.pid)
