@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.moto import start_moto
 from ops.procs import free_port, http_ok, spawn, stop
 from ops.stackctl.pg import (
     drop_database_and_role,
@@ -101,33 +102,12 @@ def registered_model(tracking_server, months) -> dict:
     return summary
 
 
-@dataclass(frozen=True)
-class Moto:
-    """A running moto_server: its endpoint and the (fake) credentials clients use."""
-
-    endpoint: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
-
-    def client(self, service: str):
-        import boto3
-
-        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = spawn([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log,
-                 http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60)
-    yield Moto(endpoint)
-    stop(proc.pid)
+    """A moto_server (ops.moto.Moto: endpoint, env with its fake credentials, client())."""
+    server = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
-from pathlib import Path
 
-from ops.procs import free_port, http_ok, port_open, wait_for
+from ops.moto import MOTO_CREDENTIALS, moto_cmd, moto_ready
+from ops.procs import free_port, port_open, wait_for
 from ops.stackctl.config import StackSettings, secret_value
 from ops.stackctl.state import StackPaths, load_state, read_pid, save_state, start_component
 
 log = logging.getLogger("stack")
 
 
-# moto accepts any credentials; these are only used against a moto_server the stack started.
-MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 # Errors that no retry fixes: report them at once instead of waiting out the bound.
 FATAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                "InvalidBucketName", "AllAccessDisabled"}
@@ -99,16 +95,6 @@ def bucket_ok(endpoint: str | None, bucket: str, env: dict[str, str]) -> bool:
         return False
 
 
-def moto_server_bin() -> str:
-    """The venv's ``moto_server`` (next to this interpreter), else the one on PATH."""
-    local = Path(sys.executable).parent / "moto_server"
-    found = str(local) if local.exists() else shutil.which("moto_server")
-    if not found:
-        raise S3Error("s3: moto_server is not installed (pip install 'moto[server]', the test "
-                      "extra) and MLFLOW_S3_ENDPOINT_URL is unset")
-    return found
-
-
 def start_or_reuse_moto(paths: StackPaths, cfg: StackSettings, started: list[str]) -> str:
     """Endpoint of the stack's moto_server, started on 127.0.0.1 unless already running."""
     previous = load_state(paths).get("s3", {})
@@ -120,9 +106,12 @@ def start_or_reuse_moto(paths: StackPaths, cfg: StackSettings, started: list[str
         raise S3Error(f"s3: moto_server port {port} on 127.0.0.1 is already in use "
                       "(STACK_MOTO_PORT)")
     endpoint = f"http://127.0.0.1:{port}"
+    try:
+        cmd = moto_cmd(port)
+    except FileNotFoundError as e:
+        raise S3Error(f"s3: {e} and MLFLOW_S3_ENDPOINT_URL is unset") from None
     started.append("moto")  # before it runs: a failure from here on stops it
-    start_component(paths, "moto", [moto_server_bin(), "-H", "127.0.0.1", "-p", str(port)],
-                    dict(os.environ), http_ok(f"{endpoint}/moto-api/"),
+    start_component(paths, "moto", cmd, dict(os.environ), moto_ready(endpoint),
                     timeout=max(cfg.stack_wait_seconds, 30))
     return endpoint
 
