@@ -9,12 +9,12 @@ required, and placeholders are refused.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 
+from serve.atomic import write_atomic
 from serve.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +88,9 @@ def kept_secret(home: Path, name: str) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider),
+    atomically."""
+    write_atomic(path, text, mode=0o600)
 
 
 def secret_value(value: SecretStr | None) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ops.procs import spawn, stop
+from serve.atomic import write_atomic
 
 log = logging.getLogger("stack")
 
@@ -109,8 +110,7 @@ def load_state(paths: StackPaths) -> dict:
 def save_state(paths: StackPaths, **entries: dict) -> None:
     """Merge ``entries`` into ``run/stack.json``."""
     state = {**load_state(paths), **entries}
-    paths.run.mkdir(parents=True, exist_ok=True)
-    (paths.run / "stack.json").write_text(json.dumps(state, indent=1))
+    write_atomic(paths.run / "stack.json", json.dumps(state, indent=1))
 
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serve.atomic import atomic_path
 from serve.tlc import resolve
 
 
@@ -26,49 +27,48 @@ def exists(uri: str) -> bool:
 
 
 @contextmanager
-def atomic_parquet(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter on a hidden temporary file next to ``uri``, moved onto it on success.
+def staged(uri: str) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """The filesystem of ``uri`` and a hidden temporary path next to it to write; moved onto
+    ``uri`` when the block ends, deleted when it raises.
 
-    On an exception the temporary file is deleted; if the process is killed it stays
-    hidden (``.``-prefixed), and :func:`clean_stale` removes it on the next run.
+    Local files go through :func:`serve.atomic.atomic_path` (a rename: atomic, replaces).
+    S3 has no rename: the temporary key is moved (server-side copy, then delete), so
+    readers see the old object or the complete new one, never a partial one. A killed
+    process leaves the hidden temporary file, which :func:`clean_stale` removes next time.
     """
     fs, path = resolve(uri)
-    folder, _, name = path.rpartition("/")
-    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
     if fs.type_name == "local":
-        fs.create_dir(folder, recursive=True)
-    ok = False
-    try:
-        with fs.open_output_stream(tmp) as stream:
-            writer = pq.ParquetWriter(stream, schema, use_dictionary=_dictionary_columns(schema))
-            try:
-                yield writer
-            finally:
-                writer.close()
-        ok = True
-    finally:
-        if not ok:
-            _delete_quietly(fs, tmp)
-    # Local: rename (atomic, replaces). S3: server-side copy then delete (readers see the
-    # old object or the complete new one, never a partial one).
-    fs.move(tmp, path)
-
-
-def publish_file(local: Path, uri: str) -> None:
-    """Copy a finished local file to ``uri`` under a hidden temporary name, then move it."""
-    fs, path = resolve(uri)
+        with atomic_path(path) as tmp:
+            yield fs, str(tmp)
+        return
     folder, _, name = path.rpartition("/")
-    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-    clean_stale(uri)
-    if fs.type_name == "local":
-        fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"  # the name atomic_path gives
     try:
-        pafs.copy_files(str(local), tmp, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+        yield fs, tmp
         fs.move(tmp, path)
     except BaseException:
         _delete_quietly(fs, tmp)
         raise
+
+
+@contextmanager
+def atomic_parquet(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter on a hidden temporary file next to ``uri``, moved onto it on success
+    (see :func:`staged`)."""
+    with staged(uri) as (fs, tmp), fs.open_output_stream(tmp) as stream:
+        writer = pq.ParquetWriter(stream, schema, use_dictionary=_dictionary_columns(schema))
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def publish_file(local: Path, uri: str) -> None:
+    """Copy a finished local file to ``uri`` under a hidden temporary name, then move it."""
+    clean_stale(uri)
+    with staged(uri) as (fs, tmp):
+        pafs.copy_files(str(local), tmp, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:

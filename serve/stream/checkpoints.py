@@ -7,11 +7,11 @@ JSON file, written atomically so a crash leaves the old checkpoint or the new on
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serve.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,8 @@ class Checkpoints:
 
     def save(self, shard_id: str, sequence_number: str) -> None:
         """Write atomically (temp file + fsync + rename): a crash leaves the old or the new."""
-        self.root.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"sequenceNumber": sequence_number, "updatedAt": time.time()})
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{shard_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(shard_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path(shard_id), body, durable=True)
 
 
 @dataclass
