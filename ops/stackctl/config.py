@@ -12,6 +12,7 @@ import json
 import secrets
 from pathlib import Path
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr
 
 from serve.atomic import write_atomic
@@ -57,12 +58,7 @@ def example_values(path: Path = ROOT / ".env.example") -> set[str]:
     """Every non-empty value in ``.env.example``: placeholders by definition."""
     if not path.exists():
         return set()
-    values = set()
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.strip().startswith("#") and value.strip():
-            values.add(value.strip().strip("'\""))
-    return values
+    return {v.strip() for v in dotenv_values(path).values() if v and v.strip()}
 
 
 def is_placeholder(value: str | None) -> bool:
