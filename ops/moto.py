@@ -1,15 +1,13 @@
-"""moto_server, the throwaway S3 and Kinesis endpoint of the stack, the demo, the benchmarks
+"""moto_server, the throwaway S3 and Kinesis endpoint of the demo, the benchmarks
 and the tests: where it is, how to start it and know it is ready, its fake credentials."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.procs import free_port, http_ok, spawn, stop
+from ops.procs import find_command, free_port, http_ok, spawn, stop
 
 REGION = "us-east-1"
 # moto accepts any credentials; these are only ever sent to a local moto_server.
@@ -18,12 +16,7 @@ MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "te
 
 def moto_server_bin() -> str:
     """The venv's ``moto_server`` (next to this interpreter), else the one on PATH."""
-    local = Path(sys.executable).parent / "moto_server"
-    found = str(local) if local.exists() else shutil.which("moto_server")
-    if not found:
-        raise FileNotFoundError("moto_server is not installed (pip install 'moto[server]', "
-                                "the test extra)")
-    return found
+    return find_command("moto_server", "pip install 'moto[server]', the test extra")
 
 
 def moto_cmd(port: int, host: str = "127.0.0.1") -> list[str]:

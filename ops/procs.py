@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def find_command(name: str, install_hint: str) -> str:
+    """The venv's ``name`` (next to this interpreter), else the one on PATH; FileNotFoundError
+    naming ``install_hint`` when there is none."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is not installed ({install_hint})")
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,28 +44,47 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0,
              interval: float = 0.2, proc: subprocess.Popen | None = None) -> object:
-    """Poll ``check`` until it returns a truthy value, logging each failed attempt.
+    """Poll ``check`` until it returns a truthy value.
 
-    ``check`` may raise; the last error is reported. If ``proc`` exits while we
-    wait, fail at once instead of waiting out the timeout.
+    ``check`` may raise; the last error is reported. If ``proc`` exits while we wait, fail at
+    once instead of waiting out the timeout. Waiting is normal, so it is not logged as a
+    failure: each attempt is a DEBUG line, and on a terminal one progress line shows what is
+    awaited (erased when the wait ends); a log sees nothing unless the wait fails.
     """
     deadline = time.monotonic() + timeout
-    attempt, last = 0, None
-    while True:
-        attempt += 1
-        try:
-            result = check()
-            if result:
-                return result
-            last = "not ready"
-        except Exception as e:  # noqa: BLE001 - any failure is "not ready yet"
-            last = f"{type(e).__name__}: {e}"
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode} ({last})")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout:.0f} s ({last})")
-        log.debug("waiting for %s (attempt %d): %s", what, attempt, last)
-        time.sleep(min(interval * (1.5 ** min(attempt, 6)), 2.0))
+    attempt, last, bar = 0, None, None
+    try:
+        while True:
+            attempt += 1
+            try:
+                result = check()
+                if result:
+                    return result
+                last = "not ready"
+            except Exception as e:  # noqa: BLE001 - any failure is "not ready yet"
+                last = f"{type(e).__name__}: {e}"
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what}: process exited with code {proc.returncode} "
+                                   f"({last})")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{what}: not ready after {timeout:.0f} s ({last})")
+            log.debug("waiting for %s (attempt %d): %s", what, attempt, last)
+            bar = bar or _progress_line(f"waiting for {what}")
+            if bar is not None:
+                bar.set_postfix_str(f"attempt {attempt}: {last}"[:70], refresh=True)
+            time.sleep(min(interval * (1.5 ** min(attempt, 6)), 2.0))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_line(desc: str):
+    """A one-line tqdm status on stderr when it is a terminal (erased on close), else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, bar_format="{desc} {elapsed}{postfix}", leave=False, file=sys.stderr)
 
 
 def http_ok(url: str, timeout: float = 2.0) -> Callable[[], bool]:

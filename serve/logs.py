@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -16,3 +18,12 @@ def setup_logging(level: str | int = "INFO") -> None:
     level = level.upper() if isinstance(level, str) else level
     logging.basicConfig(level=level, format=FORMAT)
     logging.getLogger().setLevel(level)
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """MLflow's artifact progress bars only where someone watches: off unless stdout and
+    stderr are terminals (in a log or CI each update is a line). Exported, so subprocesses
+    (``mlflow run`` -> train.py) inherit it; an explicit setting wins."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
