@@ -1,14 +1,18 @@
 """Settings of ``ops/stack`` (environment, then ``.env``), and the secrets it keeps itself.
 
-Secrets that a local stack can invent (the local PostgreSQL role's password, the auth app's
-CSRF key) are generated once and kept in ``$STACK_HOME/secrets.json`` (mode 0600); secrets
-that only a person can choose (the auth admin password, a remote database's password) are
-required, and placeholders are refused.
+Secrets that a local stack can invent are generated once and kept (mode 0600): those that
+belong to one stack (the local S3 server's key, the auth app's CSRF key) in
+``$STACK_HOME/secrets.json``; the local PostgreSQL role's password, which belongs to the
+machine's server and outlives any ``$STACK_HOME`` (``make clean-state``, a second
+``STACK_HOME``), in the user's ``$XDG_CONFIG_HOME/duration/secrets.json``. Secrets that only a
+person can choose (the auth admin password, a remote database's password) are required, and
+placeholders are refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -34,11 +38,11 @@ class StackSettings(Settings):
         None, description="Host headers the servers accept (comma-separated; default loopback).")
     stack_wait_seconds: float = Field(15.0, description="Bound on waiting for PostgreSQL or S3.")
     stack_server_timeout: float = Field(180.0, description="Bound on a tracking server start.")
-    stack_moto_port: int = Field(0, description="Port of the local moto_server (0 = any free).")
+    stack_s3_port: int = Field(0, description="Port of the local S3 server (0 = any free).")
     stack_s3_bucket: str = Field("duration-mlflow", description="Bucket of the artifacts.")
     stack_s3_prefix: str = Field("mlartifacts", description="Key prefix of the artifacts.")
     mlflow_s3_endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, AWS); unset = start a local moto_server.")
+        None, description="S3 endpoint (MinIO, AWS); unset = the local S3 server (on disk).")
     aws_access_key_id: str | None = Field(None, description="S3 key id of the server only.")
     aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret, server only.")
     aws_session_token: SecretStr | None = Field(None, description="S3 session token, optional.")
@@ -73,14 +77,32 @@ def _secrets_file(home: Path) -> Path:
     return home / "secrets.json"
 
 
+def user_secrets_file() -> Path:
+    """The user's secrets file: ``$XDG_CONFIG_HOME/duration/secrets.json`` (default
+    ``~/.config``), outside the repository, so no ``make`` target or ``STACK_HOME`` loses it."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "duration" / "secrets.json"
+
+
+def read_secrets(path: Path) -> dict[str, str]:
+    """The secrets kept in ``path`` (empty when there is none)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def keep_secret(path: Path, name: str, value: str) -> str:
+    """Keep ``value`` as ``name`` in ``path`` (0600, atomically); returns it."""
+    data = read_secrets(path)
+    if data.get(name) != value:
+        data[name] = value
+        write_private(path, json.dumps(data, indent=1))
+    return value
+
+
 def kept_secret(home: Path, name: str) -> str:
     """A random secret generated on first use and kept in ``$STACK_HOME/secrets.json`` (0600)."""
     path = _secrets_file(home)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    if name not in data:
-        data[name] = secrets.token_urlsafe(24)
-        write_private(path, json.dumps(data, indent=1))
-    return data[name]
+    known = read_secrets(path).get(name)
+    return known or keep_secret(path, name, secrets.token_urlsafe(24))
 
 
 def write_private(path: Path, text: str) -> None:

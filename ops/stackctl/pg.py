@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import subprocess
+from pathlib import Path
 from urllib.parse import quote
 
 from ops.procs import port_open, wait_for
-from ops.stackctl.config import StackSettings, is_placeholder, kept_secret, secret_value
+from ops.stackctl.config import (
+    StackSettings,
+    is_placeholder,
+    keep_secret,
+    read_secrets,
+    secret_value,
+    user_secrets_file,
+)
 from ops.stackctl.state import StackPaths, save_state
 
 log = logging.getLogger("stack")
@@ -80,6 +89,35 @@ def _ident(name: str) -> str:
     return name
 
 
+def role_exists(user: str, port: int = 5432) -> bool:
+    """Whether the login role ``user`` exists on the local server."""
+    return psql_as_superuser(f"SELECT 1 FROM pg_roles WHERE rolname='{_ident(user)}'",
+                             port).strip() == "1"
+
+
+def _role_sql(sql: str, port: int) -> None:
+    """Run SQL that carries a password: on psql's stdin, never on its command line."""
+    subprocess.run(_superuser_psql(port, "-q"), check=True, capture_output=True, text=True,
+                   input=sql)
+
+
+def _literal(password: str) -> str:
+    return "'" + password.replace("'", "''") + "'"
+
+
+def set_role_password(user: str, password: str, port: int = 5432) -> None:
+    """Give the existing role ``user`` the password ``password`` (as the superuser)."""
+    try:
+        _role_sql(f"ALTER ROLE {_ident(user)} PASSWORD {_literal(password)};", port)
+    except subprocess.CalledProcessError as e:
+        raise PostgresError(f"postgresql: cannot reset the password of role {user}: "
+                            f"{_last_line(e)}") from None
+
+
+def _last_line(e: subprocess.CalledProcessError) -> str:
+    return ((e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"])[0]
+
+
 def ensure_role_and_database(user: str, password: str, db: str, port: int = 5432) -> bool:
     """Create the login role (with ``password``) and its database unless they exist.
 
@@ -89,19 +127,15 @@ def ensure_role_and_database(user: str, password: str, db: str, port: int = 5432
     """
     user, db = _ident(user), _ident(db)
     try:
-        exists = psql_as_superuser(f"SELECT 1 FROM pg_roles WHERE rolname='{user}'",
-                                   port).strip() == "1"
+        exists = role_exists(user, port)
         if not exists:
-            literal = password.replace("'", "''")
-            subprocess.run(_superuser_psql(port, "-q"), check=True, capture_output=True,
-                           text=True, input=f"CREATE ROLE {user} LOGIN PASSWORD '{literal}';")
+            _role_sql(f"CREATE ROLE {user} LOGIN PASSWORD {_literal(password)};", port)
         if psql_as_superuser(f"SELECT 1 FROM pg_database WHERE datname='{db}'",
                              port).strip() != "1":
             psql_as_superuser(f"CREATE DATABASE {db} OWNER {user}", port)
     except subprocess.CalledProcessError as e:
-        detail = (e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"]
         raise PostgresError(f"postgresql: cannot create role/database {user}/{db}: "
-                            f"{detail[0]}") from None
+                            f"{_last_line(e)}") from None
     return not exists
 
 
@@ -143,25 +177,130 @@ def check_login(user: str, password: str, host: str, port: int, db: str,
         raise result
 
 
-def prepare_postgres(paths: StackPaths, cfg: StackSettings) -> str:
+def _password_name(user: str, host: str, port: int) -> str:
+    return f"postgres_password:{user}@{host}:{port}"
+
+
+def known_password(paths: StackPaths, user: str, host: str, port: int) -> str | None:
+    """The generated password of the local role ``user``, kept in the user's secrets file
+    (or, from before it was kept there, in ``$STACK_HOME/secrets.json``)."""
+    kept = read_secrets(user_secrets_file()).get(_password_name(user, host, port))
+    legacy = read_secrets(paths.home / "secrets.json").get(f"postgres_password_{user}")
+    return kept or legacy
+
+
+RESET_FLAG = "--reset-postgres-password"
+
+
+def _what_to_do(user: str, host: str, port: int) -> str:
+    return (f"set POSTGRES_PASSWORD to the role's password (environment or .env), or give the "
+            f"role a new password with `ops/stack up --mode production {RESET_FLAG}` (POSTGRES_"
+            f"PASSWORD if set, else generated and kept in {user_secrets_file()}; anything else "
+            f"that logs in as {user} then needs it; by hand: `sudo -u postgres psql -p {port} "
+            f"-c '\\password {user}'`)")
+
+
+def prepare_postgres(paths: StackPaths, cfg: StackSettings, reset_password: bool = False) -> str:
     """Start/reuse PostgreSQL, create role and database if needed, check the login;
-    returns the backend store URI (with its password: pass it through the environment)."""
+    returns the backend store URI (with its password: pass it through the environment).
+
+    A local role that exists with a password this stack does not know is an error that says
+    what to do, unless ``reset_password`` (then the role gets POSTGRES_PASSWORD or a new
+    generated password)."""
     host, port, user, db = cfg.postgres_host, cfg.postgres_port, cfg.postgres_user, cfg.postgres_db
     password = secret_value(cfg.postgres_password)
     if password is not None and is_placeholder(password):
         raise PostgresError("postgresql: POSTGRES_PASSWORD is a placeholder; set a real one "
                             "(or leave it unset for a generated one with a local server)")
-    if is_local(host):
+    local = is_local(host)
+    if reset_password and not local:
+        raise PostgresError(f"postgresql: {RESET_FLAG} works on a local server only, not "
+                            f"{host}:{port}")
+    generated = password is None
+    if local:
         ensure_postgres_running(host, port, timeout=cfg.stack_wait_seconds)
-        if password is None:
-            password = kept_secret(paths.home, f"postgres_password_{user}")
+        password = password or known_password(paths, user, host, port)
+        try:
+            exists = role_exists(user, port)
+        except subprocess.CalledProcessError as e:
+            raise PostgresError(f"postgresql: cannot query roles on port {port} as the "
+                                f"postgres superuser: {_last_line(e)}") from None
+        if exists and password is None and not reset_password:
+            raise PostgresError(f"postgresql: role {user} already exists on {host}:{port} with "
+                                f"a password this stack does not know: "
+                                f"{_what_to_do(user, host, port)}")
+        password = password or secrets.token_urlsafe(24)
+        if exists and reset_password:
+            set_role_password(user, password, port)
+            log.info("postgresql: role %s has a new password", user)
         if ensure_role_and_database(user, password, db, port=port):
             log.info("postgresql: created role %s", user)
+        if generated:
+            keep_secret(user_secrets_file(), _password_name(user, host, port), password)
     elif password is None:
         raise PostgresError(f"postgresql: POSTGRES_PASSWORD is required for the remote "
                             f"server {host}:{port}")
-    check_login(user, password, host, port, db, timeout=cfg.stack_wait_seconds)
+    try:
+        check_login(user, password, host, port, db, timeout=cfg.stack_wait_seconds)
+    except PostgresError as e:
+        if local and "password authentication failed" in str(e):
+            raise PostgresError(f"{str(e).split(' (POSTGRES_PASSWORD')[0]}: "
+                                f"{_what_to_do(user, host, port)}") from None
+        raise
     uri = store_uri(user, password, host, port, db)
     log.info("postgresql ready: %s", masked(uri))
     save_state(paths, postgresql={"host": host, "port": port, "user": user, "db": db})
     return uri
+
+
+def login_of(uri: str) -> dict[str, str]:
+    """libpq's environment (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) for a store URI:
+    how pg_dump and pg_restore get the password without a command line showing it."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    return {"PGHOST": url.host or "127.0.0.1", "PGPORT": str(url.port or 5432),
+            "PGUSER": url.username or "", "PGPASSWORD": url.password or "",
+            "PGDATABASE": url.database or ""}
+
+
+def _pg_tool(args: list[str], uri: str, what: str) -> None:
+    env = {**os.environ, **login_of(uri)}
+    try:
+        subprocess.run(args, env=env, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PostgresError(f"postgresql: {args[0]} is not installed (postgresql-client)") from None
+    except subprocess.CalledProcessError as e:
+        raise PostgresError(f"postgresql: {what} failed: {_last_line(e)}") from None
+
+
+def dump_database(uri: str, dest: Path) -> None:
+    """A consistent dump of the store (``pg_dump`` reads one snapshot), custom format, without
+    owners or grants so that any role can restore it."""
+    _pg_tool(["pg_dump", "--format=custom", "--no-owner", "--no-acl", "--file", str(dest)],
+             uri, "pg_dump")
+
+
+def restore_database(uri: str, dump: Path, replace: bool = False) -> None:
+    """Restore ``dump`` into the store's database (objects owned by the store's role);
+    ``replace`` drops what the dump re-creates first."""
+    args = ["pg_restore", "--no-owner", "--no-acl", "--exit-on-error", "--single-transaction"]
+    if replace:
+        args += ["--clean", "--if-exists"]
+    _pg_tool([*args, "--dbname", login_of(uri)["PGDATABASE"], str(dump)], uri, "pg_restore")
+
+
+def query(uri: str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` in the store's database (for checks around backup and restore)."""
+    import psycopg2
+
+    login = login_of(uri)
+    conn = psycopg2.connect(host=login["PGHOST"], port=login["PGPORT"], user=login["PGUSER"],
+                            password=login["PGPASSWORD"], dbname=login["PGDATABASE"],
+                            connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        conn.close()

@@ -73,7 +73,7 @@ def read_pid(paths: StackPaths, component: str) -> int | None:
 
 
 def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict,
-                    ready, timeout: float) -> int:
+                    ready, timeout: float, cwd: Path | None = None) -> int:
     """Start one component, record its pid, wait until ``ready()`` holds (bounded); on any
     failure, Ctrl-C included, it is stopped (by :func:`ops.procs.spawn`) and its pid file
     removed."""
@@ -85,7 +85,7 @@ def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict
 
     try:
         proc = spawn(cmd, paths.logfile(component), ready, component, timeout=timeout, env=env,
-                     on_start=record)
+                     cwd=cwd, on_start=record)
     except (TimeoutError, RuntimeError) as e:
         # wait_for raises RuntimeError when the process exited, TimeoutError when it is late.
         why = (f"exited with code {started[0].returncode} while starting"
@@ -101,7 +101,6 @@ def start_component(paths: StackPaths, component: str, cmd: list[str], env: dict
     return proc.pid
 
 
-
 def load_state(paths: StackPaths) -> dict:
     """What ``up`` recorded in ``run/stack.json`` (no secrets), or {}."""
     path = paths.run / "stack.json"
@@ -113,6 +112,16 @@ def save_state(paths: StackPaths, **entries: dict) -> None:
     state = {**load_state(paths), **entries}
     write_atomic(paths.run / "stack.json", json.dumps(state, indent=1))
 
+
+def running_components(paths: StackPaths) -> list[str]:
+    """The components whose recorded process is alive."""
+    pidfiles = sorted(paths.run.glob("*.pid")) if paths.run.exists() else []
+    return [p.stem for p in pidfiles if read_pid(paths, p.stem) is not None]
+
+
+def forget_state(paths: StackPaths) -> None:
+    """Drop ``run/stack.json`` (a fresh ``up`` records the stack it starts, nothing older)."""
+    (paths.run / "stack.json").unlink(missing_ok=True)
 
 
 def stop_components(paths: StackPaths, components: list[str]) -> None:
