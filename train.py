@@ -88,44 +88,89 @@ class Decision:
     champion_rmse: float | None = None
 
 
-def champion_rmse(client, name: str, val_df: pd.DataFrame) -> tuple[str, float] | None:
-    """Current production version and its RMSE on ``val_df``, or None if there is none."""
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def registered_rmse(name: str, version: str, val_df: pd.DataFrame) -> float:
+    """RMSE on ``val_df`` of version ``version`` as the registry serves it (loaded back)."""
     import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    return scores(val_df["duration"].to_numpy(), model.predict(val_df[list(RIDE_COLUMNS)]))["rmse"]
+
+
+def champion_rmse(client, name: str, val_df: pd.DataFrame
+                  ) -> tuple[str, float | None, str | None] | None:
+    """Current production version, its RMSE on ``val_df`` and, when it cannot be loaded, why
+    (RMSE None); None if there is no production version."""
     from mlflow.exceptions import MlflowException
 
     try:
         champion = client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
     except MlflowException:
         return None
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}")
-    pred = model.predict(val_df[list(RIDE_COLUMNS)])
-    return str(champion.version), scores(val_df["duration"].to_numpy(), pred)["rmse"]
+    try:
+        return str(champion.version), registered_rmse(name, str(champion.version), val_df), None
+    except Exception as e:  # noqa: BLE001 - a champion that cannot be loaded has lost
+        return str(champion.version), None, _one_line(e)
+
+
+def _decide(client, name: str, version: str, val_rmse: float, val_df: pd.DataFrame) -> Decision:
+    try:  # the candidate as the registry serves it: incomplete artifacts are never promoted
+        served = registered_rmse(name, version, val_df)
+    except Exception as e:  # noqa: BLE001
+        client.set_model_version_tag(name, version, "integrity", "unreadable")
+        return Decision(False, f"version {version} cannot be loaded back from the registry "
+                               f"({_one_line(e)})")
+    if not np.isclose(served, val_rmse, rtol=1e-6):
+        return Decision(False, f"version {version} as served scores val_rmse {served:.4f}, "
+                               f"not the {val_rmse:.4f} it was trained to")
+    champion = champion_rmse(client, name, val_df)
+    if champion is None:
+        return Decision(True, "first production version")
+    champ_version, champ_rmse, unreadable = champion
+    if unreadable:
+        client.set_model_version_tag(name, champ_version, "integrity", "unreadable")
+        client.set_model_version_tag(name, champ_version, "demotion_reason",
+                                     f"cannot be loaded ({unreadable}); replaced by version "
+                                     f"{version}")
+        return Decision(True, f"production version {champ_version} cannot be loaded "
+                              f"({unreadable}): it lost", champ_version)
+    if val_rmse < champ_rmse:
+        return Decision(True, f"val_rmse {val_rmse:.4f} beats version {champ_version}'s "
+                              f"{champ_rmse:.4f}", champ_version, champ_rmse)
+    return Decision(False, f"val_rmse {val_rmse:.4f} does not beat version {champ_version}'s "
+                           f"{champ_rmse:.4f} on the same validation data", champ_version,
+                    champ_rmse)
 
 
 def promote_if_better(client, name: str, version: str, val_rmse: float,
                       val_df: pd.DataFrame) -> Decision:
-    """Promote ``version`` when it beats the production version on the same validation data."""
-    champion = champion_rmse(client, name, val_df)
-    if champion is None:
-        decision = Decision(True, "first production version")
-    else:
-        champ_version, champ_rmse = champion
-        if val_rmse < champ_rmse:
-            decision = Decision(True, f"val_rmse {val_rmse:.4f} beats version {champ_version}'s "
-                                      f"{champ_rmse:.4f}", champ_version, champ_rmse)
-        else:
-            decision = Decision(False, f"val_rmse {val_rmse:.4f} does not beat version "
-                                       f"{champ_version}'s {champ_rmse:.4f} on the same "
-                                       f"validation data", champ_version, champ_rmse)
-    client.set_model_version_tag(name, version, "promotion",
-                                 "promoted" if decision.promoted else "rejected")
-    client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
-    if decision.promoted:
-        client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
-        with warnings.catch_warnings():  # stages are deprecated but still resolved by users
-            warnings.simplefilter("ignore", FutureWarning)
-            client.transition_model_version_stage(name, version, PRODUCTION_STAGE,
-                                                  archive_existing_versions=True)
+    """Promote ``version`` when it loads back from the registry and beats the production
+    version on the same validation data; a production version that cannot be loaded has
+    lost (it is tagged with the reason). Never raises: the version is registered already,
+    so a failing gate leaves it unpromoted with the reason, and the run still finishes."""
+    try:
+        decision = _decide(client, name, version, val_rmse, val_df)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.exception("promotion gate failed for version %s", version)
+        decision = Decision(False, f"promotion gate failed: {_one_line(e)}")
+    try:
+        client.set_model_version_tag(name, version, "val_rmse", f"{val_rmse:.6f}")
+        client.set_model_version_tag(name, version, "promotion",
+                                     "promoted" if decision.promoted else "rejected")
+        client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
+        if decision.promoted:
+            client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
+            with warnings.catch_warnings():  # stages are deprecated but still resolved by users
+                warnings.simplefilter("ignore", FutureWarning)
+                client.transition_model_version_stage(name, version, PRODUCTION_STAGE,
+                                                      archive_existing_versions=True)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.exception("promotion of version %s failed", version)
+        decision = Decision(False, f"{decision.reason}; then promotion failed: {_one_line(e)}",
+                            decision.champion_version, decision.champion_rmse)
     return decision
 
 
@@ -208,8 +253,6 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
             )
         version = str(info.registered_model_version)
         client = MlflowClient()
-        client.set_model_version_tag(registered_model, version, "val_rmse",
-                                     f"{metrics['val_rmse']:.6f}")
         decision = promote_if_better(client, registered_model, version, metrics["val_rmse"],
                                      val_df)
         mlflow.set_tags({"promoted": str(decision.promoted).lower(),
