@@ -1,42 +1,51 @@
-"""``ops/stack`` production mode against the real parts: the machine's PostgreSQL, a
-moto_server as S3, ``mlflow server`` processes, and clients that hold no S3 credentials.
+"""``ops/stack`` production mode against the real parts: the machine's PostgreSQL, the local
+S3 server (objects on disk), ``mlflow server`` processes, and clients that hold no S3
+credentials.
 
-One production stack per module (own STACK_HOME, free ports, own role, database and bucket),
-started and stopped through the CLI exactly as a user would.
+One production stack per module (own STACK_HOME, XDG_CONFIG_HOME, free ports, own role,
+database and bucket: tests/stack_helpers.py), started and stopped through the CLI exactly as
+a user would. The durability and fault tests are in test_durability.py and
+test_pg_restart.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 import requests
+from stack_helpers import (
+    RIDE,
+    STACK,
+    Stack,
+    mlflow_run,
+    months,
+    ok,
+    stack_env,
+)
 
-from ops.moto import MOTO_CREDENTIALS, Moto
+from ops.moto import MOTO_CREDENTIALS
 from ops.procs import free_port, http_ok, spawn, stop, wait_for
-from ops.stackctl.config import is_placeholder, write_private
-from ops.stackctl.pg import drop_database_and_role, masked, store_uri
+from ops.stackctl.config import StackSettings, is_placeholder, write_private
+from ops.stackctl.lifecycle import check_exposure, is_loopback
+from ops.stackctl.pg import (
+    drop_database_and_role,
+    ensure_role_and_database,
+    masked,
+    prepare_postgres,
+    store_uri,
+)
 from ops.stackctl.server import default_allowed_hosts, server_cmd
 from ops.stackctl.state import StackPaths, read_pid, write_pid
-from ops.synth import write_month
 
-ROOT = Path(__file__).resolve().parents[1]
-STACK = str(ROOT / "ops" / "stack")
-RIDE = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
-
-
-def without_s3_credentials(env: dict[str, str]) -> dict[str, str]:
-    """``env`` minus every ``AWS_*`` variable and ``MLFLOW_S3_ENDPOINT_URL``."""
-    return {k: v for k, v in env.items()
-            if not k.startswith("AWS_") and k != "MLFLOW_S3_ENDPOINT_URL"}
+_ok = ok
 
 
 # -- pure logic ---------------------------------------------------------------------------
@@ -119,96 +128,38 @@ def test_ctrl_c_while_the_server_starts_leaves_nothing_running(tmp_path):
 
 
 # -- the production stack -----------------------------------------------------------------
-@dataclass
-class Stack:
-    """A production stack started by ``ops/stack up`` in its own STACK_HOME."""
-
-    home: Path
-    env: dict[str, str]
-    up_output: str = ""
-
-    def cli(self, *args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
-        """Run ``ops/stack`` (cwd = STACK_HOME, so no developer .env is read)."""
-        return subprocess.run([STACK, *args], env={**self.env, **extra}, cwd=self.home,
-                              capture_output=True, text=True, timeout=timeout)
-
-    @property
-    def state(self) -> dict:
-        return json.loads((self.home / "run" / "stack.json").read_text())
-
-    @property
-    def uri(self) -> str:
-        return self.state["mlflow"]["uri"]
-
-    @property
-    def user(self) -> str:
-        return self.env["POSTGRES_USER"]
-
-    @property
-    def password(self) -> str:
-        kept = json.loads((self.home / "secrets.json").read_text())
-        return kept[f"postgres_password_{self.user}"]
-
-    def pid(self, component: str) -> int:
-        return int((self.home / "run" / f"{component}.pid").read_text().split()[0])
-
-    def s3(self):
-        """boto3 S3 client with the server's credentials (the moto ones)."""
-        return Moto(self.state["s3"]["endpoint"]).client("s3")
-
-    def client_env(self) -> dict[str, str]:
-        """A training/serving client's environment: the tracking URI, no S3 credentials."""
-        return {**without_s3_credentials(dict(os.environ)), "MLFLOW_TRACKING_URI": self.uri}
-
-
-def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}"
-    return res
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("stack")
-    token = secrets.token_hex(4)
-    env = {**without_s3_credentials(dict(os.environ)),
-           "STACK_HOME": str(home), "STACK_PORT": str(free_port()),
-           "STACK_ARTIFACTS_PORT": str(free_port()),
-           "POSTGRES_USER": f"stack_test_{token}", "POSTGRES_DB": f"stack_test_{token}",
-           "STACK_S3_BUCKET": f"stack-test-{token}"}
-    for key in ("POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    s = Stack(home, env)
-    try:
-        res = _ok(s.cli("up", "--mode", "production"))
+    s = Stack(home / "stack", stack_env(home))
+    port = str(free_port())
+    try:  # --port, not STACK_PORT: `down -c mlflow && up` must remember it
+        res = _ok(s.cli("up", "--mode", "production", "--port", port))
         s.up_output = res.stdout + res.stderr
         yield s
     finally:
-        s.cli("down")
-        drop_database_and_role(env["POSTGRES_USER"], env["POSTGRES_DB"])
+        s.drop()
 
 
 @pytest.fixture(scope="module")
 def trained(stack, tmp_path_factory) -> dict[str, str]:
     """``mlflow run .`` against the stack by a client without S3 credentials."""
-    data = tmp_path_factory.mktemp("stack-data")
-    train = write_month("green", "2021-01", 20_000, data / "green_tripdata_2021-01.parquet", 0)
-    val = write_month("green", "2021-02", 20_000, data / "green_tripdata_2021-02.parquet", 1)
-    res = _ok(subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-         "--experiment-name", "duration", "-P", f"train={train}", "-P", f"val={val}"],
-        env=stack.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=300))
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("run "))
-    run_id, version = line.split()[1].rstrip(":"), line.split()[3]
-    assert "promoted" in line and "not promoted" not in line, line
-    return {"run_id": run_id, "version": version}
+    run = mlflow_run(stack, *months(tmp_path_factory.mktemp("stack-data")))
+    assert run["promoted"], run["line"]
+    return run
 
 
 def test_up_production_starts_each_component(stack):
     status = _ok(stack.cli("status")).stdout
-    for line in ("mlflow: running", "moto: running", "postgresql: 127.0.0.1:5432/",
-                 "accepting connections", f"bucket {stack.env['STACK_S3_BUCKET']} ok"):
+    for line in ("mlflow: running", "s3: running", "postgresql: 127.0.0.1:5432/",
+                 "accepting connections", f"bucket {stack.env['STACK_S3_BUCKET']} ok",
+                 f"data {stack.home / 's3'} healthy"):
         assert line in status, status
     assert (stack.home / "secrets.json").stat().st_mode & 0o777 == 0o600
+    kept = Path(stack.env["XDG_CONFIG_HOME"]) / "duration" / "secrets.json"
+    assert kept.stat().st_mode & 0o777 == 0o600 and stack.password
+    # Waiting is not failure: no retry line in a log (stderr is not a terminal here).
+    assert "waiting for" not in stack.up_output, stack.up_output
     api = f"{stack.uri}/api/2.0/mlflow/experiments/search"
     assert requests.get(api, params={"max_results": 1}, timeout=10).status_code == 200
     foreign = requests.get(api, params={"max_results": 1}, headers={"Host": "evil.example"},
@@ -228,8 +179,7 @@ def test_client_run_lands_in_postgres_and_the_bucket(stack, trained):
                     "ON a.name = mv.name AND a.version = mv.version "
                     "WHERE a.name = 'duration' AND a.alias = 'production'")
         assert cur.fetchall() == [(int(trained["version"]),)]
-    keys = [o["Key"] for page in stack.s3().get_paginator("list_objects_v2").paginate(
-        Bucket=stack.env["STACK_S3_BUCKET"]) for o in page.get("Contents", [])]
+    keys = stack.keys()
     assert keys and all(k.startswith("mlartifacts/") for k in keys), keys[:5]
     assert any(k.endswith("/MLmodel") for k in keys), keys
 
@@ -277,7 +227,10 @@ def test_artifacts_only_server_serves_the_model_without_credentials(stack, train
     import pandas as pd
     from mlflow import MlflowClient
 
-    up = _ok(stack.cli("up", "--mode", "production", "--artifacts-only"))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    up = _ok(stack.cli("up", "--mode", "production", "--artifacts-only", cwd=elsewhere))
+    assert not list(elsewhere.iterdir())  # its store is under STACK_HOME, not ./mlflow.db
     artifacts_uri = up.stdout.strip().split("=", 1)[1]
     client = MlflowClient(stack.uri)
     version = client.get_model_version_by_alias("duration", "production").version
@@ -303,10 +256,11 @@ def test_artifacts_only_server_serves_the_model_without_credentials(stack, train
 def test_restarting_the_server_keeps_runs_versions_and_alias(stack, trained):
     from mlflow import MlflowClient
 
-    old = stack.pid("mlflow")
+    old, uri = stack.pid("mlflow"), stack.uri
     assert "stopped: mlflow" in _ok(stack.cli("down", "-c", "mlflow")).stdout
-    _ok(stack.cli("up", "--mode", "production"))
+    _ok(stack.cli("up"))  # as it was started: production, the --port given then
     assert stack.pid("mlflow") != old
+    assert stack.uri == uri and stack.state["mlflow"]["mode"] == "production"
     client = MlflowClient(stack.uri)
     assert client.get_run(trained["run_id"]).info.status == "FINISHED"
     assert client.get_model_version("duration", trained["version"]).status == "READY"
@@ -316,14 +270,14 @@ def test_restarting_the_server_keeps_runs_versions_and_alias(stack, trained):
 
 def test_auth_refuses_placeholders_then_requires_credentials(stack, trained):
     _ok(stack.cli("down", "-c", "mlflow"))
-    refused = stack.cli("up", "--mode", "production", "--auth",
+    refused = stack.cli("up", "--auth",
                         MLFLOW_AUTH_ADMIN_PASSWORD="changeme")
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1].startswith("Error: auth: ")
     assert not (stack.home / "run" / "mlflow.pid").exists()
 
     password = secrets.token_urlsafe(16)
-    _ok(stack.cli("up", "--mode", "production", "--auth", MLFLOW_AUTH_ADMIN_PASSWORD=password))
+    _ok(stack.cli("up", "--auth", MLFLOW_AUTH_ADMIN_PASSWORD=password))
     ini = stack.home / "auth" / "basic_auth.ini"
     assert ini.stat().st_mode & 0o777 == 0o600
     api = f"{stack.uri}/api/2.0/mlflow/registered-models/alias"
@@ -340,8 +294,10 @@ def test_auth_refuses_placeholders_then_requires_credentials(stack, trained):
 def test_bad_configuration_fails_fast_with_one_line(stack, case, tmp_path):
     env = {"STACK_HOME": str(tmp_path), "STACK_PORT": str(free_port()),
            "STACK_S3_BUCKET": f"bad-{secrets.token_hex(4)}"}
+    if case == "port in use":
+        env["STACK_PORT"] = str(stack.state["mlflow"]["port"])
     expected = {
-        "wrong password": ("postgresql: ", "password authentication failed"),
+        "wrong password": ("postgresql: ", "password authentication failed"),  # + what to do
         "unreachable s3": ("s3: ", "unreachable"),
         "port in use": ("mlflow: ", "already in use"),
     }[case]
@@ -350,21 +306,21 @@ def test_bad_configuration_fails_fast_with_one_line(stack, case, tmp_path):
     elif case == "unreachable s3":
         env.update(POSTGRES_PASSWORD=stack.password, **MOTO_CREDENTIALS,
                    MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
-    else:
-        env["STACK_PORT"] = stack.env["STACK_PORT"]
     t0 = time.monotonic()
     res = stack.cli("up", "--mode", "production", **env)
     elapsed = time.monotonic() - t0
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: {expected[0]}") and expected[1] in last, res.stderr[-2000:]
+    if case == "wrong password":
+        assert "set POSTGRES_PASSWORD" in last and "--reset-postgres-password" in last, last
     assert elapsed < 30, f"{case}: {elapsed:.1f} s"
     assert not list((tmp_path / "run").glob("*.pid")) if (tmp_path / "run").exists() else True
 
 
 def test_down_stops_exactly_what_up_started(stack):
     started = {p.stem: stack.pid(p.stem) for p in (stack.home / "run").glob("*.pid")}
-    assert {"mlflow", "moto"} <= set(started)
+    assert {"mlflow", "s3"} <= set(started)
     groups = {os.getpgid(pid) for pid in started.values()}
     members = {p for p in _all_pids() if _pgid(p) in groups}
     assert len(members) > len(started)  # the servers' children are in their groups
@@ -374,6 +330,84 @@ def test_down_stops_exactly_what_up_started(stack):
     assert not alive, alive
     assert "stack: not running" in _ok(stack.cli("status")).stdout
     assert _ok(stack.cli("down")).stdout.strip() == "stopped: nothing was running"
+
+
+def test_embedded_up_after_production_forgets_its_stores(stack):
+    """Issue 15: after a production up/down, an embedded up's status listed the old S3
+    endpoint and PostgreSQL."""
+    _ok(stack.cli("down"))
+    _ok(stack.cli("up", "--port", str(free_port())))  # `down` forgot the mode: embedded
+    try:
+        status = _ok(stack.cli("status")).stdout
+        assert stack.state["mlflow"]["mode"] == "embedded"
+        assert "mlflow: running" in status and "registry: " in status, status
+        assert "postgresql" not in status and "s3" not in status, status
+    finally:
+        _ok(stack.cli("down"))
+
+
+# -- no open registry (issue 12) ------------------------------------------------------------
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("tracking.internal", False)])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_the_override_of_the_open_network_refusal_is_explicit_and_loud(caplog):
+    with pytest.raises(click.ClickException) as refused:
+        check_exposure("0.0.0.0", auth=False, artifacts_only=True, insecure=False)
+    assert "--insecure-no-auth" in refused.value.message
+    check_exposure("0.0.0.0", auth=True, artifacts_only=False, insecure=False)  # auth: fine
+    with caplog.at_level("WARNING", logger="stack"):
+        check_exposure("10.0.0.5", auth=False, artifacts_only=False, insecure=True)
+    assert "WITHOUT authentication on 10.0.0.5" in caplog.text
+
+
+def test_up_refuses_a_non_loopback_host_without_auth(tmp_path):
+    env = stack_env(tmp_path, STACK_HOST="0.0.0.0")
+    try:
+        res = subprocess.run([STACK, "up", "--port", str(free_port())], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0, res.stdout
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: mlflow: refusing to serve the tracking server without "
+                               "authentication on 0.0.0.0"), last
+        assert "add --auth" in last and "--insecure-no-auth" in last, last
+        assert not list((tmp_path / "stack").rglob("*.pid"))
+    finally:
+        subprocess.run([STACK, "down"], env=env, cwd=tmp_path, capture_output=True, timeout=60)
+
+
+# -- a role that exists already (issue 15) --------------------------------------------------
+def test_a_role_with_an_unknown_password_gets_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    token = secrets.token_hex(4)
+    user = db = f"stack_role_{token}"
+    ensure_role_and_database(user, secrets.token_urlsafe(16), db)  # made elsewhere, by hand
+    try:
+        env = stack_env(tmp_path, POSTGRES_USER=user, POSTGRES_DB=db)
+        t0 = time.monotonic()
+        res = subprocess.run([STACK, "up", "--mode", "production", "--port", str(free_port())],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and time.monotonic() - t0 < 30
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"Error: postgresql: role {user} already exists on "
+                               "127.0.0.1:5432 with a password this stack does not know"), last
+        assert "set POSTGRES_PASSWORD" in last and "--reset-postgres-password" in last, last
+        assert not list((tmp_path / "stack").rglob("*.pid"))
+        assert "Traceback" not in res.stderr
+
+        # The way out it names; then what used to fail: a wiped and a second STACK_HOME.
+        monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+        cfg = StackSettings(postgres_user=user, postgres_db=db, _env_file=None)
+        uri = prepare_postgres(StackPaths(tmp_path / "first"), cfg, reset_password=True)
+        for home in ("first", "second"):
+            wiped = tmp_path / home
+            if wiped.exists():
+                subprocess.run(["rm", "-rf", str(wiped)], check=True)
+            assert prepare_postgres(StackPaths(wiped), cfg) == uri
+    finally:
+        drop_database_and_role(user, db)
 
 
 def _all_pids() -> list[int]:
