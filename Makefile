@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Commands the tools exec (uvicorn, moto_server, mlflow, hadolint) come from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean clean-state
 
 install: $(STAMP)  ## create .venv and install the project with its test and spark extras
 
@@ -32,5 +32,16 @@ bench: install  ## the benchmarks quoted in the README
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)  # bench/online.py's load generator
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-clean:  ## remove the venv, the embedded stack's state and generated data
-	rm -rf $(VENV) .stack data mlruns mlartifacts
+# What `clean` never deletes (user state): the registry and artifacts of the embedded and the
+# production stack ($$STACK_HOME/embedded, $$STACK_HOME/s3), stream checkpoints and generated
+# secrets in $$STACK_HOME, ./mlruns and ./mlartifacts. Only `clean-state` does, by that name.
+STACK_HOME_DIR := $(or $(STACK_HOME),.stack)
+
+clean:  ## remove the venv, caches, generated data and the demo's throwaway server
+	rm -rf $(VENV) data build .pytest_cache .ruff_cache $(STACK_HOME_DIR)/demo
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
+
+clean-state:  ## DESTROYS the local registry: stops the stack, deletes $STACK_HOME, ./mlruns, ./mlartifacts
+	-ops/stack down
+	rm -rf $(STACK_HOME_DIR) mlruns mlartifacts
+	@echo "deleted $(STACK_HOME_DIR) (registry, artifacts, checkpoints, secrets), mlruns, mlartifacts; the PostgreSQL database and its password in ~/.config/duration stay"
