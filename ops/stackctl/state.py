@@ -45,12 +45,18 @@ def stack_paths() -> StackPaths:
     return StackPaths(stack_home())
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (to tell it from a later process given the same pid)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def write_pid(paths: StackPaths, component: str, pid: int) -> None:
@@ -69,6 +75,8 @@ def read_pid(paths: StackPaths, component: str) -> int | None:
         return None  # PermissionError: the pid now belongs to another user's process
     if started and _start_time(pid) not in (None, started):
         return None  # the pid was reused by another process: not ours to stop
+    if _stat(pid)[:1] == ["Z"]:
+        return None  # killed, not yet reaped by its parent: dead all the same
     return pid
 
 
