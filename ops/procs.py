@@ -69,7 +69,8 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0,
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{what}: not ready after {timeout:.0f} s ({last})")
             log.debug("waiting for %s (attempt %d): %s", what, attempt, last)
-            bar = bar or _progress_line(f"waiting for {what}")
+            if bar is None:  # (a tqdm has no truth value)
+                bar = _progress_line(f"waiting for {what}")
             if bar is not None:
                 bar.set_postfix_str(f"attempt {attempt}: {last}"[:70], refresh=True)
             time.sleep(min(interval * (1.5 ** min(attempt, 6)), 2.0))
