@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from serve.logs import setup_logging
-from serve.stream.core import OutRecord, encode
+from serve.stream.codec import OutRecord, encode
 from serve.stream.sinks import MAX_RECORDS, KinesisSink
 
 log = logging.getLogger(__name__)
