@@ -34,6 +34,7 @@ from ops.moto import start_moto  # noqa: E402
 from ops.procs import spawn, stop, wait_for  # noqa: E402
 from serve.stream.codec import MODEL_NAME  # noqa: E402
 from serve.stream.core import CollectingSink, StreamService  # noqa: E402
+from serve.stream.events import kinesis_event  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
     produce,
@@ -41,7 +42,6 @@ from serve.stream.produce import (  # noqa: E402
     read_stream,
     ride_events,
 )
-from serve.stream.runner import kinesis_event  # noqa: E402
 from serve.stream.sinks import KinesisSink  # noqa: E402
 
 BATCH = 100

@@ -14,7 +14,7 @@ from sklearn.linear_model import LinearRegression
 from serve.stream.checkpoints import Checkpoints
 from serve.stream.codec import MODEL_NAME, OutRecord, decode_data, prediction_event
 from serve.stream.core import CollectingSink, StreamService
-from serve.stream.runner import kinesis_event, lowest_failure
+from serve.stream.events import kinesis_event, lowest_failure
 from serve.stream.sinks import KinesisSink, S3Sink, chunks, parse_s3_uri
 from train import fit_model
 
