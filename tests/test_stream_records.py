@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from serve.stream.codec import (
 from serve.stream.core import CollectingSink, DeadLetterNotWritten, StreamService
 from serve.stream.sinks import KinesisSink
 
+ROOT = Path(__file__).resolve().parents[1]
 RIDE_A = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 RIDE_B = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 
@@ -200,3 +203,28 @@ def test_a_dead_letter_that_failed_is_not_logged_as_written(model, caplog):
     text = caplog.text
     assert "dead letter of record 5 NOT written, the record will be re-delivered" in text
     assert "dead letter of record 5:" not in text and "dead letter of record 6: data" in text
+
+
+# -- issue 15 item 9: what the CLIs and .env.example say ----------------------------------
+def test_cli_help_names_the_real_defaults():
+    from click.testing import CliRunner
+
+    from serve.stream.cli import cli as runner_cli
+    from serve.stream.produce import cli as produce_cli
+
+    for cli in (runner_cli, produce_cli):
+        text = " ".join(CliRunner().invoke(cli, ["--help"], terminal_width=200).output.split())
+        assert "default: KINESIS_ENDPOINT_URL from the environment or .env, else real AWS" in text
+        assert "default: real AWS." not in text
+    text = " ".join(CliRunner().invoke(runner_cli, ["--help"], terminal_width=200).output.split())
+    assert "default: $STACK_HOME/stream-checkpoints" in text and ".stack/" not in text
+    assert "Default: the output stream's name" in text
+
+
+def test_env_example_points_kinesis_at_the_readme_moto_port():
+    env = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    kinesis = re.search(r"KINESIS_ENDPOINT_URL=http://127\.0\.0\.1:(\d+)", env)[1]
+    moto = re.search(r"moto_server -H 127\.0\.0\.1 -p (\d+)", readme)[1]
+    served = re.findall(r"mlflow models serve [^\n]*-p (\d+)", readme)
+    assert kinesis == moto and served and kinesis not in served
