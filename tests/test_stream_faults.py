@@ -485,6 +485,10 @@ def test_recreated_stream_detected_while_running(kinesis, loaded, tmp_path):
     runner.stop.set()
     assert isinstance(result[0], StreamRecreated), result
     assert "--on-recreated-stream trim-horizon" in str(result[0])
+    # whatever was checkpointed meanwhile is still marked as the old stream's: the next start
+    # refuses it too, instead of resuming the new stream from the old stream's positions
+    with pytest.raises(StreamRecreated, match="belong to the stream created"):
+        runner_for(kinesis, loaded, src, out, None, tmp_path).prepare()
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

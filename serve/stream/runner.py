@@ -91,27 +91,29 @@ class Runner:
         foreign = self.checkpoints.foreign(self.identity)
         if foreign:
             self._recreated(StreamRecreated(self._recreated_message(
-                f"belong to the stream created {next(iter(foreign.values())).created}"),
-                self.identity))
+                next(iter(foreign.values())), self.identity), self.identity))
         return self.identity
 
-    def _recreated_message(self, why: str) -> str:
-        now = self.identity.created if self.identity else "unknown"
+    def _recreated_message(self, old: StreamIdentity | None, now: StreamIdentity | None,
+                           why: str = "") -> str:
+        belong = f"belong to the stream created {old.created}" if old else why
         return (f"stream {self.stream!r} was re-created: the checkpoints in "
-                f"{self.checkpoints.root} {why}, not to the stream there now (created {now}), "
-                f"whose sequence numbers start over. Resuming would skip records, so the runner "
-                f"stops. To read the new stream from its start, run again with "
-                f"--on-recreated-stream trim-horizon (any of its records already predicted are "
-                f"predicted again)")
+                f"{self.checkpoints.root} {belong}, not to the stream there now (created "
+                f"{now.created if now else 'unknown'}), whose sequence numbers start over. "
+                f"Resuming would skip records, so the runner stops. To read the new stream "
+                f"from its start, run again with --on-recreated-stream trim-horizon (any of "
+                f"its records already predicted are predicted again)")
 
     def _check_identity(self) -> None:
-        """Raise StreamRecreated if the stream is no longer the one being read."""
+        """Raise StreamRecreated if the stream is no longer the one being read.
+
+        ``identity`` (what the checkpoints are saved with) never changes here: until the
+        checkpoints are reset, every thread keeps stamping them with the old stream, so a
+        batch some thread handles before it stops is still seen as foreign at the next start.
+        """
         current = describe_stream(self.client, self.stream)
         if current != self.identity:
-            old, self.identity = self.identity, current
-            raise StreamRecreated(self._recreated_message(
-                f"belong to the stream created {old.created if old else '?'} that the runner "
-                f"was reading"), current)
+            raise StreamRecreated(self._recreated_message(self.identity, current), current)
 
     def _recreated(self, e: StreamRecreated) -> None:
         """Stop (the default), or forget the checkpoints and read the new stream from its start."""
@@ -153,7 +155,7 @@ class Runner:
             if error_code(e) != "InvalidArgumentException" or "StartingSequenceNumber" not in kw:
                 raise
             raise StreamRecreated(self._recreated_message(
-                f"belong to another stream: Kinesis refused sequence number "
+                None, None, f"belong to another stream: Kinesis refused sequence number "
                 f"{kw['StartingSequenceNumber']} of shard {shard.shard_id} ({e})"), None) from e
         shard.resume_at = None
         return iterator
