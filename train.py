@@ -2,7 +2,7 @@
 
     python train.py --train data/green_tripdata_2021-01.parquet \
                     --val data/green_tripdata_2021-02.parquet
-    mlflow run . --env-manager local -P train=... -P val=...
+    mlflow run . --env-manager local -P train=... -P val=...   # or --env-manager uv (no conda)
 
 ``--train``/``--val`` take a local path, an ``s3://`` URI or an ``https://``
 URL (the public TLC files). The logged model is a pyfunc that takes raw rides;
