@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from ops.aws import DEFAULT_STACK_NAME, TEMPLATE
-from ops.aws.deploy import Aws, StackError, deploy, status
+from ops.aws.deploy import AWS_ERRORS, Aws, StackError, deploy, status
 from ops.aws.destroy import destroy
-from ops.aws.events import env_lines, outputs_dict
+from ops.aws.events import env_lines, one_line, outputs_dict
 
 _stack_name = click.option(
     "--stack-name", default=DEFAULT_STACK_NAME, show_default=True, envvar="DURATION_STACK_NAME",
@@ -29,10 +31,17 @@ def _echo(line: str) -> None:
     click.echo(line)
 
 
-def _fail(e: StackError) -> None:
-    for line in e.lines:
-        click.echo(line, err=True)
-    raise click.ClickException(str(e)) from e
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Failures as one line each on stderr and exit 1, never a traceback."""
+    try:
+        yield
+    except StackError as e:
+        for line in e.lines:
+            click.echo(line, err=True)
+        raise click.ClickException(str(e)) from e
+    except (ValueError, *AWS_ERRORS) as e:  # ParameterError, AWS, credentials
+        raise click.ClickException(one_line(str(e))[:400]) from e
 
 
 def _print_outputs(name: str, stack: dict, aws: Aws) -> None:
@@ -85,11 +94,9 @@ def deploy_cmd(stack_name, region, endpoint_url, allowed_cidr, tracking_image, l
         raise click.BadParameter("the tracking server has no login: allow a network, not the "
                                  "internet", param_hint="--allowed-cidr")
     aws = Aws(region, endpoint_url)
-    try:
+    with _errors():
         stack = deploy(aws, stack_name, given, _echo, template, timeout * 60)
-    except (StackError, ValueError) as e:
-        _fail(e if isinstance(e, StackError) else StackError(str(e)))
-    _print_outputs(stack_name, stack, aws)
+        _print_outputs(stack_name, stack, aws)
 
 
 @cli.command("status")
@@ -99,13 +106,13 @@ def deploy_cmd(stack_name, region, endpoint_url, allowed_cidr, tracking_image, l
 def status_cmd(stack_name, region, endpoint_url) -> None:
     """Show the stack's status, resources, outputs and .env lines."""
     aws = Aws(region, endpoint_url)
-    try:
+    with _errors():
         stack = status(aws, stack_name, _echo)
-    except StackError as e:
-        _fail(e)
-    click.echo("")
-    for line in env_lines(stack_name, outputs_dict(stack), aws.region_name(), aws.endpoint_url):
-        click.echo(line)
+        if stack["StackStatus"].endswith("_COMPLETE") and "TrackingUri" in outputs_dict(stack):
+            click.echo("")
+            for line in env_lines(stack_name, outputs_dict(stack), aws.region_name(),
+                                  aws.endpoint_url):
+                click.echo(line)
 
 
 @cli.command("destroy")
@@ -124,10 +131,8 @@ def destroy_cmd(stack_name, region, endpoint_url, yes, timeout) -> None:
         return click.prompt(f"{question}\nType the stack name to confirm",
                             default="", show_default=False) == stack_name
 
-    try:
+    with _errors():
         destroy(Aws(region, endpoint_url), stack_name, _echo, confirm, timeout * 60)
-    except StackError as e:
-        _fail(e)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from ops.aws import TEMPLATE
 from ops.aws.events import (
@@ -28,6 +29,9 @@ from ops.aws.template import load, parameter_list
 Echo = Callable[[str], None]
 CAPABILITIES = ["CAPABILITY_IAM"]  # the template creates roles, never with fixed names
 TAGS = [{"Key": "project", "Value": "duration"}]
+# What a call to AWS can raise: an error answer, no credentials/network, an unreadable answer
+# (an emulator's HTML error page).
+AWS_ERRORS = (ClientError, BotoCoreError, ResponseParserError)
 
 
 class StackError(RuntimeError):
@@ -122,8 +126,8 @@ def delete_and_wait(cf, stack: dict, echo: Echo, timeout: float) -> None:
     seen = {e["EventId"] for e in recent_events(cf, stack["StackId"])}
     try:
         cf.delete_stack(StackName=stack["StackId"])
-    except ClientError as e:  # an emulator may fail the deletion right in the call
-        raise StackError(f"{stack['StackName']}: delete failed", [one_line(str(e))]) from e
+    except AWS_ERRORS as e:  # an emulator may fail right in the call
+        raise StackError(f"{stack['StackName']}: delete failed", [one_line(str(e))[:400]]) from e
     final, events = wait(cf, stack["StackId"], echo, seen, timeout)
     _check("delete", final, events, stack["StackName"])
 
@@ -143,8 +147,7 @@ def deploy(aws: Aws, name: str, params: Mapping[str, str], echo: Echo,
     if stack and not is_terminal(stack["StackStatus"]):
         raise StackError(f"{name} is busy ({stack['StackStatus']}); wait for it to finish")
     op = "create" if stack is None else "update"
-    previous = None if stack is None else {p["ParameterKey"]: p.get("ParameterValue", "")
-                                           for p in stack.get("Parameters", [])}
+    previous = None if stack is None else {p["ParameterKey"] for p in stack.get("Parameters", [])}
     call = dict(StackName=name, TemplateBody=body, Capabilities=CAPABILITIES, Tags=TAGS,
                 Parameters=parameter_list(template, params, previous))
     seen = set() if stack is None else {e["EventId"] for e in recent_events(cf, stack["StackId"])}
@@ -155,11 +158,11 @@ def deploy(aws: Aws, name: str, params: Mapping[str, str], echo: Echo,
             stack_id = cf.create_stack(OnFailure="ROLLBACK", **call)["StackId"]
         else:
             stack_id = cf.update_stack(**call)["StackId"]
-    except ClientError as e:
+    except AWS_ERRORS as e:
         if "No updates are to be performed" in str(e):
             echo(f"{name} is up to date: nothing to change")
             return stack
-        raise StackError(f"{name}: {op} refused", [one_line(str(e))]) from e
+        raise StackError(f"{name}: {op} refused", [one_line(str(e))[:400]]) from e
     final, events = wait(cf, stack_id, echo, seen, timeout)
     return _check(op, final, events, name)
 

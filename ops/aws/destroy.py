@@ -22,7 +22,7 @@ def unprotect_databases(aws: Aws, items: list[dict], echo: Echo) -> list[dict]:
     secrets (``{"ResourceType": "secret", ...}``) so that their removal is checked too."""
     rds, secrets = aws.client("rds"), []
     for r in items:
-        if r["ResourceType"] != "AWS::RDS::DBInstance" or not r.get("PhysicalResourceId"):
+        if r.get("ResourceType") != "AWS::RDS::DBInstance" or not r.get("PhysicalResourceId"):
             continue
         db_id = r["PhysicalResourceId"]
         try:
@@ -63,7 +63,7 @@ def empty_buckets(aws: Aws, items: list[dict], echo: Echo) -> None:
     """Empty every bucket of the stack."""
     s3 = aws.client("s3")
     for r in items:
-        if r["ResourceType"] == "AWS::S3::Bucket" and r.get("PhysicalResourceId"):
+        if r.get("ResourceType") == "AWS::S3::Bucket" and r.get("PhysicalResourceId"):
             n = empty_bucket(s3, r["PhysicalResourceId"])
             echo(f"bucket {r['PhysicalResourceId']}: {n} object versions deleted")
 
@@ -78,7 +78,7 @@ def destroy(aws: Aws, name: str, echo: Echo, confirm: Callable[[str], bool],
         echo(f"no stack {name} in {aws.region_name()}: nothing to destroy")
         return False
     items = resources(cf, stack["StackId"])
-    buckets = [r["PhysicalResourceId"] for r in items if r["ResourceType"] == "AWS::S3::Bucket"]
+    buckets = [r["PhysicalResourceId"] for r in items if r.get("ResourceType") == "AWS::S3::Bucket"]
     if not confirm(f"Destroy stack {name}: {len(items)} resources, including the tracking "
                    f"database (every run and registered model) and every object in "
                    f"{', '.join(buckets) or 'its buckets'}?"):

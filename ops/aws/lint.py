@@ -42,6 +42,7 @@ class Report:
     ok: bool
     summary: str
     failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # suppressed in the template
 
 
 def cfn_lint(template: Path) -> Report:
@@ -77,9 +78,11 @@ def checkov(template: Path) -> Report:
     reports = reports if isinstance(reports, list) else [reports]
     failed = [f"{c['check_id']} {c['resource']}" for r in reports
               for c in (r.get("results") or {}).get("failed_checks", [])]
+    skipped = [f"{c['check_id']} {c['resource']}" for r in reports
+               for c in (r.get("results") or {}).get("skipped_checks", [])]
     summary = " | ".join(line.strip() for line in cli_text.splitlines()
                          if line.startswith("Passed checks:")) or "checkov: nothing scanned"
-    return Report("checkov", proc.returncode == 0 and not failed, summary, failed)
+    return Report("checkov", proc.returncode == 0 and not failed, summary, failed, skipped)
 
 
 def check(template: Path = TEMPLATE) -> list[Report]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
@@ -28,9 +28,14 @@ def _tag(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node):
 _CfnLoader.add_multi_constructor("!", _tag)
 
 
+def parse(text: str) -> dict:
+    """A template (YAML or JSON) as a dict, short tags expanded to their long form."""
+    return yaml.load(text, Loader=_CfnLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load(path: str | Path) -> dict:
-    """The template as a dict (short tags expanded to their long form)."""
-    return yaml.load(Path(path).read_text(), Loader=_CfnLoader)  # noqa: S506 - safe loader
+    """The template file at ``path`` as a dict."""
+    return parse(Path(path).read_text())
 
 
 class ParameterError(ValueError):
@@ -38,14 +43,11 @@ class ParameterError(ValueError):
 
 
 def parameter_list(template: Mapping, given: Mapping[str, str],
-                   previous: Mapping[str, str] | None = None) -> list[dict]:
+                   previous: Iterable[str] | None = None) -> list[dict]:
     """CloudFormation's ``Parameters`` for a create (``previous`` None) or an update.
 
-    A create needs every parameter without a default. An update keeps the running stack's
-    value of every parameter not given (sent as that value: moto_server cannot
-    ``UsePreviousValue`` a parameter that was left at its default), except SSM-typed ones,
-    which CloudFormation resolves again on every update anyway, and ``NoEcho`` ones, whose
-    value it does not show.
+    A create needs every parameter without a default; an update keeps the running stack's
+    value of every parameter not given (``UsePreviousValue``).
     """
     declared = template.get("Parameters") or {}
     unknown = sorted(set(given) - set(declared))
@@ -59,14 +61,8 @@ def parameter_list(template: Mapping, given: Mapping[str, str],
             raise ParameterError("missing parameter(s) " + ", ".join(
                 f"{k} ({one_line_description(declared[k])})" for k in missing))
         return out
-    for k in sorted(set(previous) & set(declared) - set(given)):
-        p = declared[k]
-        if str(p.get("Type", "")).startswith("AWS::SSM::Parameter::"):
-            continue
-        if p.get("NoEcho"):
-            out.append({"ParameterKey": k, "UsePreviousValue": True})
-        else:
-            out.append({"ParameterKey": k, "ParameterValue": str(previous[k])})
+    out += [{"ParameterKey": k, "UsePreviousValue": True}
+            for k in sorted(set(previous) & set(declared) - set(given))]
     return out
 
 
