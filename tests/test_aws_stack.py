@@ -18,6 +18,7 @@ Lambda's invocation are not exercised here: the local runner plays the Lambda).
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
 import re
@@ -328,11 +329,16 @@ def test_tracking_host_imdsv2_supervised_and_health_checked(deployed, moto):
     assert inst["SubnetId"] == deployed.resources["PublicSubnet"]
     assert inst["IamInstanceProfile"]["Arn"].endswith(deployed.resources["TrackingInstanceProfile"])
     assert deployed.outputs["TrackingUri"] == f"http://{deployed.resources['TrackingAddress']}:5000"
-    script = deployed.props("TrackingHost")["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    # The user data as deployed (substituted) on the launch template.
+    script = base64.b64decode(lt["LaunchTemplateData"]["UserData"]).decode()
+    bucket, db = deployed.resources["ArtifactBucket"], deployed.outputs["DatabaseEndpoint"]
     for line in ("Restart=always", "OnUnitActiveSec=1min", "127.0.0.1:5000/health",
-                 "systemctl restart mlflow", "MLFLOW_ARTIFACTS_DESTINATION=s3://${ArtifactBucket}"
-                 "/mlartifacts", "MasterUserSecret.SecretArn", "postgresql+psycopg2://"):
-        assert line in script
+                 "systemctl restart mlflow", f"MLFLOW_ARTIFACTS_DESTINATION=s3://{bucket}/mlartifacts",
+                 f"--db-instance-identifier {deployed.resources['Database']}",
+                 "MasterUserSecret.SecretArn", f"@{db}:5432/mlflow?sslmode=require",
+                 f"--env-file /run/duration/mlflow.env {IMAGE.format('duration-tracking')}"):
+        assert line in script, line
+    assert "${" not in script  # every template variable was substituted
 
 
 @pytest.fixture(scope="module")
