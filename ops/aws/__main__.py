@@ -13,6 +13,7 @@ from ops.aws import DEFAULT_STACK_NAME, TEMPLATE
 from ops.aws.deploy import AWS_ERRORS, Aws, StackError, deploy, status
 from ops.aws.destroy import destroy
 from ops.aws.events import env_lines, one_line, outputs_dict
+from ops.aws.template import ParameterError
 
 _stack_name = click.option(
     "--stack-name", default=DEFAULT_STACK_NAME, show_default=True, envvar="DURATION_STACK_NAME",
@@ -27,10 +28,6 @@ _timeout = click.option("--timeout", default=90, show_default=True, type=click.I
                         help="Minutes to wait for CloudFormation.")
 
 
-def _echo(line: str) -> None:
-    click.echo(line)
-
-
 @contextmanager
 def _errors() -> Iterator[None]:
     """Failures as one line each on stderr and exit 1, never a traceback."""
@@ -40,7 +37,7 @@ def _errors() -> Iterator[None]:
         for line in e.lines:
             click.echo(line, err=True)
         raise click.ClickException(str(e)) from e
-    except (ValueError, *AWS_ERRORS) as e:  # ParameterError, AWS, credentials
+    except (ParameterError, *AWS_ERRORS) as e:  # parameters, AWS's answer, credentials
         raise click.ClickException(one_line(str(e))[:400]) from e
 
 
@@ -95,7 +92,7 @@ def deploy_cmd(stack_name, region, endpoint_url, allowed_cidr, tracking_image, l
                                  "internet", param_hint="--allowed-cidr")
     aws = Aws(region, endpoint_url)
     with _errors():
-        stack = deploy(aws, stack_name, given, _echo, template, timeout * 60)
+        stack = deploy(aws, stack_name, given, click.echo, template, timeout * 60)
         _print_outputs(stack_name, stack, aws)
 
 
@@ -107,7 +104,7 @@ def status_cmd(stack_name, region, endpoint_url) -> None:
     """Show the stack's status, resources, outputs and .env lines."""
     aws = Aws(region, endpoint_url)
     with _errors():
-        stack = status(aws, stack_name, _echo)
+        stack = status(aws, stack_name, click.echo)
         if stack["StackStatus"].endswith("_COMPLETE") and "TrackingUri" in outputs_dict(stack):
             click.echo("")
             for line in env_lines(stack_name, outputs_dict(stack), aws.region_name(),
@@ -132,7 +129,7 @@ def destroy_cmd(stack_name, region, endpoint_url, yes, timeout) -> None:
                             default="", show_default=False) == stack_name
 
     with _errors():
-        destroy(Aws(region, endpoint_url), stack_name, _echo, confirm, timeout * 60)
+        destroy(Aws(region, endpoint_url), stack_name, click.echo, confirm, timeout * 60)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def event_line(event: Mapping) -> str:
 def failure_lines(events: Iterable[Mapping]) -> list[str]:
     """One line per failed resource, oldest first: the causes, not the cancellations."""
     lines, seen, cancelled = [], set(), 0
-    for e in sorted(events, key=lambda e: e.get("Timestamp") or datetime.min):
+    for e in sorted(events, key=lambda e: e["Timestamp"].timestamp()
+                    if isinstance(e.get("Timestamp"), datetime) else 0.0):
         status = e.get("ResourceStatus", "")
         if not status.endswith("_FAILED"):
             continue
