@@ -9,15 +9,16 @@ required, and placeholders are refused.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr
 
+from serve.atomic import write_atomic
 from serve.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Values nobody should run a server with; every value in .env.example is refused as well.
 PLACEHOLDERS = {"changeme", "change-me", "change_me", "password", "passwd", "secret", "admin",
                 "mlflow", "postgres", "test", "testing", "example", "xxx", "todo"}
@@ -57,12 +58,7 @@ def example_values(path: Path = ROOT / ".env.example") -> set[str]:
     """Every non-empty value in ``.env.example``: placeholders by definition."""
     if not path.exists():
         return set()
-    values = set()
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.strip().startswith("#") and value.strip():
-            values.add(value.strip().strip("'\""))
-    return values
+    return {v.strip() for v in dotenv_values(path).values() if v and v.strip()}
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -88,9 +84,11 @@ def kept_secret(home: Path, name: str) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider),
+    atomically."""
+    write_atomic(path, text, mode=0o600)
+
+
+def secret_value(value: SecretStr | None) -> str | None:
+    """The plain text of an optional secret setting (None when unset or empty)."""
+    return (value.get_secret_value() or None) if value is not None else None
