@@ -56,14 +56,14 @@ def kinesis(aws):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny real model saved as an MLflow model folder (duration = 5 + 4 * distance)."""
-    from train import fit_model, model_code_dir
+    from train import fit_model, model_files
 
     d = tmp_path_factory.mktemp("stream-model")
     rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
     df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
     df["duration"] = 5 + 4 * df["trip_distance"]
-    mlflow.pyfunc.save_model(d / "model", python_model=fit_model(df, LinearRegression()),
-                             code_paths=[str(model_code_dir(d / "code"))])
+    model = fit_model(df, LinearRegression())
+    mlflow.pyfunc.save_model(d / "model", **model_files(model, d / "files", df.head(3)))
     return d / "model"
 
 
