@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 
 from ops.moto import start_moto  # noqa: E402
 from ops.procs import spawn, stop, wait_for  # noqa: E402
-from serve.stream.core import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
+from serve.stream.codec import MODEL_NAME  # noqa: E402
+from serve.stream.core import CollectingSink, StreamService  # noqa: E402
+from serve.stream.events import kinesis_event  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
     produce,
@@ -40,7 +42,6 @@ from serve.stream.produce import (  # noqa: E402
     read_stream,
     ride_events,
 )
-from serve.stream.runner import kinesis_event  # noqa: E402
 from serve.stream.sinks import KinesisSink  # noqa: E402
 
 BATCH = 100
@@ -135,7 +136,7 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
 
     from ops.synth import write_month
     from serve.tlc import read_training_frame
-    from train import build_estimator, fit_model, model_code_dir
+    from train import build_estimator, fit_model, model_files
 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     moto = start_moto(work / "moto.log")
@@ -148,9 +149,10 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         # One model for everybody: trained on a synthetic month, saved as an MLflow model.
         train = write_month("green", "2021-01", 60_000, work / "train.parquet", 0)
         rides = write_month("green", "2021-02", 200_000, work / "rides.parquet", 1)
-        model = fit_model(read_training_frame(str(train)), build_estimator("lr", 0, 0, 0))
-        mlflow.pyfunc.save_model(work / "model", python_model=model,
-                                 code_paths=[str(model_code_dir(work / "code"))])
+        train_df = read_training_frame(str(train))
+        model = fit_model(train_df, build_estimator("lr", 0, 0, 0))
+        mlflow.pyfunc.save_model(work / "model", **model_files(model, work / "files",
+                                                                  train_df.head(3)))
         pyfunc = mlflow.pyfunc.load_model(str(work / "model"))
         events = list(ride_events(read_ride_columns(str(rides))))
 
