@@ -5,11 +5,14 @@ PostgreSQL password is kept), free ports, PostgreSQL role and database, and buck
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,3 +138,61 @@ def mlflow_run(stack: Stack, train: Path, val: Path) -> dict[str, str]:
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("run "))
     return {"run_id": line.split()[1].rstrip(":"), "version": line.split()[3],
             "promoted": "not promoted" not in line, "line": line, "stderr": res.stderr}
+
+
+MB = 1 << 20
+
+
+@contextmanager
+def production_stack(home: Path, **extra: str) -> Iterator[Stack]:
+    """``ops/stack up --mode production`` in ``home`` on a free port (kept in
+    ``stack.env["TEST_PORT"]`` to restart on it); stopped and dropped afterwards."""
+    s = Stack(home / "stack", stack_env(home, **extra))
+    s.env["TEST_PORT"] = str(_free_port())
+    try:
+        ok(s.cli("up", "--mode", "production", "--port", s.env["TEST_PORT"]))
+        yield s
+    finally:
+        s.drop()
+
+
+@contextmanager
+def client_of(stack: Stack, monkeypatch) -> Iterator:
+    """This process as a client of ``stack``: its tracking URI, no S3 credentials; yields an
+    MlflowClient."""
+    import mlflow
+
+    for key in list(os.environ):
+        if key.startswith("AWS_") or key == "MLFLOW_S3_ENDPOINT_URL":
+            monkeypatch.delenv(key)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(stack.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.uri)
+    try:
+        yield mlflow.MlflowClient(stack.uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def predict(version_uri: str) -> float:
+    """The prediction of a registered version for RIDE (loaded through the tracking server)."""
+    import mlflow
+    import pandas as pd
+
+    return float(mlflow.pyfunc.load_model(version_uri).predict(pd.DataFrame([RIDE]))[0])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def random_file(path: Path, size_mb: int) -> str:
+    """Write ``size_mb`` MiB of random bytes to ``path``; returns their sha256."""
+    with open(path, "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(MB))
+    return sha256(path)

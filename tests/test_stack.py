@@ -277,7 +277,8 @@ def test_auth_refuses_placeholders_then_requires_credentials(stack, trained):
     assert not (stack.home / "run" / "mlflow.pid").exists()
 
     password = secrets.token_urlsafe(16)
-    _ok(stack.cli("up", "--auth", MLFLOW_AUTH_ADMIN_PASSWORD=password))
+    up = _ok(stack.cli("up", "--auth", MLFLOW_AUTH_ADMIN_PASSWORD=password))
+    assert "all readable" in up.stderr, up.stderr  # the integrity check logs in as admin
     ini = stack.home / "auth" / "basic_auth.ini"
     assert ini.stat().st_mode & 0o777 == 0o600
     api = f"{stack.uri}/api/2.0/mlflow/registered-models/alias"

@@ -85,7 +85,8 @@ def backup(paths: StackPaths, cfg: StackSettings, mode: str, dest: Path) -> dict
     if mode == "embedded":
         src = paths.home / "embedded"
         if not (src / "mlflow.db").exists():
-            raise click.ClickException(f"backup: no embedded store in {src}")
+            raise click.ClickException(f"backup: no embedded store in {src} (the production "
+                                       "stack: --mode production)")
         for name in ("mlflow.db", "basic_auth.db"):
             if (src / name).exists():
                 with sqlite3.connect(src / name) as live, sqlite3.connect(dest / name) as copy:

@@ -2,10 +2,10 @@
 be read back through the tracking server?
 
 A version is readable when its ``MLmodel`` downloads and parses and every file it names (the
-pyfunc model or its code file, artifacts, code folder, environment files, input example) is
-in the version's artifact listing. That catches what a lost or half-copied artifact store
-leaves behind (a registry whose rows outlived their objects) without downloading the model
-itself, so ``ops/stack up`` and ``status`` stay fast.
+pyfunc model or its models-from-code file, its artifacts, code folder, environment files,
+input example) is in the version's artifact listing. That catches what a lost or half-copied
+artifact store leaves behind (a registry whose rows outlived their objects) without
+downloading the model itself, so ``ops/stack up`` and ``status`` stay fast.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Keys of MLmodel whose values name a file or folder inside the model.
 PATH_KEYS = {"python_model", "pickled_model", "data", "code", "conda", "virtualenv", "path",
-             "artifact_path", "serving_input_path", "model_code_path"}
+             "artifact_path", "serving_input_path"}
 
 
 @dataclass
@@ -73,6 +73,8 @@ def named_paths(mlmodel: dict) -> set[str]:
         elif isinstance(node, list):
             for v in node:
                 walk(v, key)
+        elif isinstance(node, str) and key == "model_code_path":
+            paths.add(posixpath.basename(node))  # models from code: copied in by its name
         elif isinstance(node, str) and key in PATH_KEYS and "://" not in node and \
                 not posixpath.isabs(node):
             paths.add(posixpath.normpath(node))
