@@ -9,18 +9,14 @@ required, and placeholders are refused.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 
+# Re-exported: the secrets checks live in ops.basic_auth (stdlib only, used by the image).
+from ops.basic_auth import PLACEHOLDERS, example_values, is_placeholder, write_private  # noqa: F401
 from serve.config import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
-# Values nobody should run a server with; every value in .env.example is refused as well.
-PLACEHOLDERS = {"changeme", "change-me", "change_me", "password", "passwd", "secret", "admin",
-                "mlflow", "postgres", "test", "testing", "example", "xxx", "todo"}
 
 
 class StackSettings(Settings):
@@ -53,26 +49,6 @@ class StackSettings(Settings):
         None, description="Basic-auth admin password (--auth); placeholders are refused.")
 
 
-def example_values(path: Path = ROOT / ".env.example") -> set[str]:
-    """Every non-empty value in ``.env.example``: placeholders by definition."""
-    if not path.exists():
-        return set()
-    values = set()
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.strip().startswith("#") and value.strip():
-            values.add(value.strip().strip("'\""))
-    return values
-
-
-def is_placeholder(value: str | None) -> bool:
-    """Whether ``value`` is empty or a placeholder (a known one or any from .env.example)."""
-    if not value or not value.strip():
-        return True
-    v = value.strip()
-    return v.lower() in PLACEHOLDERS or v in example_values() or v.strip("<>") != v
-
-
 def _secrets_file(home: Path) -> Path:
     return home / "secrets.json"
 
@@ -85,12 +61,3 @@ def kept_secret(home: Path, name: str) -> str:
         data[name] = secrets.token_urlsafe(24)
         write_private(path, json.dumps(data, indent=1))
     return data[name]
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import click
 
+from ops.basic_auth import check_admin_password, write_auth_ini
 from ops.pg import (
     PostgresError,
     check_login,
@@ -45,7 +46,7 @@ from ops.pg import (
 )
 from ops.procs import free_port, http_ok, port_open, start, stop, wait_for
 from ops.s3 import MOTO_CREDENTIALS, S3Error, bucket_ok, ensure_bucket
-from ops.stackconfig import StackSettings, is_placeholder, kept_secret, write_private
+from ops.stackconfig import StackSettings, is_placeholder, kept_secret
 
 log = logging.getLogger("stack")
 
@@ -272,28 +273,16 @@ def prepare_s3(paths: StackPaths, cfg: StackSettings, started: list[str]) -> dic
 
 def admin_password(cfg: StackSettings) -> str:
     """The basic-auth admin password; empty, short or placeholder values are refused."""
-    password = _secret(cfg.mlflow_auth_admin_password)
-    if is_placeholder(password):
-        raise click.ClickException(
-            "auth: MLFLOW_AUTH_ADMIN_PASSWORD is empty or a placeholder; set a real password "
-            "(12+ characters) in the environment or .env")
-    if len(password) < 12:
-        raise click.ClickException("auth: MLFLOW_AUTH_ADMIN_PASSWORD must have 12+ characters")
-    return password
+    try:
+        return check_admin_password(_secret(cfg.mlflow_auth_admin_password))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def auth_env(paths: StackPaths, cfg: StackSettings, database_uri: str) -> dict[str, str]:
     """Environment for MLflow's basic-auth app: its ini (0600, in STACK_HOME) and CSRF key."""
-    password = admin_password(cfg)
-
-    def esc(value: str) -> str:  # configparser interpolates '%'
-        return value.replace("%", "%%")
-
     ini = paths.home / "auth" / "basic_auth.ini"
-    write_private(ini, "[mlflow]\ndefault_permission = READ\n"
-                       f"database_uri = {esc(database_uri)}\n"
-                       f"admin_username = {esc(cfg.mlflow_auth_admin_username)}\n"
-                       f"admin_password = {esc(password)}\n")
+    write_auth_ini(ini, database_uri, cfg.mlflow_auth_admin_username, admin_password(cfg))
     return {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": kept_secret(paths.home, "flask_secret_key")}
 
