@@ -22,12 +22,15 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import click
 import numpy as np
+import uvicorn
 from pydantic import Field
 
 from serve.config import Settings
@@ -473,8 +476,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
          log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
-    import uvicorn
-
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     overrides = {k: v for k, v in {
@@ -492,9 +493,43 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
              settings.web_host, settings.web_port, os.environ["MLFLOW_TRACKING_URI"],
              settings.web_poll_interval)
-    uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                log_level=log_level, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(create_app(settings), host=settings.web_host, port=settings.web_port,
+                            loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                            log_level=log_level, timeout_graceful_shutdown=10)
+    # uvicorn re-raises the signal it stopped on after a graceful shutdown: a stop asked for
+    # is a clean exit (0), as PID 1 of a container or under an init process alike.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server = DrainingServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after its graceful shutdown
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's code for a failed start (port in use, ...)
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain between "stop listening" and "close idle connections".
+
+    uvicorn's graceful shutdown closes the listening socket and, at once, every connection
+    that has no request in progress, including one accepted a moment ago whose request is
+    on the wire: that client gets a reset. Here the listening socket closes first, then
+    requests already sent get ``DRAIN_SECONDS`` to arrive and are answered like any other.
+    """
+
+    DRAIN_SECONDS = 0.5
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()  # closing twice (again in uvicorn's shutdown) is a no-op
+        for sock in sockets or []:
+            sock.close()
+        await asyncio.sleep(self.DRAIN_SECONDS)
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":
