@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +138,31 @@ def postgres() -> str:
     ensure_role_and_database(user, password, db)
     yield f"postgresql+psycopg2://{user}:{password}@127.0.0.1:5432/{db}"
     drop_database_and_role(user, db)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def container_images(request, tmp_path_factory):
+    """The images of tests/test_containers.py, built in the background from the session's
+    start when those tests are selected (so the builds overlap the other tests), then
+    reported (size, build time) and removed with everything the session ran."""
+    if not any(item.nodeid.startswith("tests/test_containers.py") and "images"
+               in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    from docker_helpers import Images, start_session_builds
+
+    t0 = time.monotonic()
+    tracking = request.getfixturevalue("tracking_server")
+    request.getfixturevalue("registered_model")  # MLflow's image bakes the production model
+    images = Images(tmp_path_factory.mktemp("docker"))
+    start_session_builds(images, tracking.uri)
+    yield images
+    lines = images.cleanup()
+    report = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if report is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            report.write_line(f"\ncontainer images (built in parallel from the session's "
+                              f"start, {time.monotonic() - t0:.0f} s until their removal):")
+            for line in lines:
+                report.write_line("  " + line)
