@@ -26,8 +26,14 @@ import numpy as np
 import pandas as pd
 
 from serve import registry
-from serve.config import PRODUCTION_ALIAS, PRODUCTION_STAGE, REGISTERED_MODEL_NAME, get_settings
+from serve.config import (
+    PRODUCTION_ALIAS,
+    PRODUCTION_STAGE,
+    REGISTERED_MODEL_NAME,
+    use_tracking_server,
+)
 from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
+from serve.logs import setup_logging
 from serve.model import RideDurationModel
 from serve.tlc import read_training_frame
 
@@ -152,7 +158,7 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
+    use_tracking_server()
 
     train_df = read_training_frame(train)
     val_df = read_training_frame(val)
@@ -243,7 +249,7 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
 def main(train, val, model, n_estimators, max_depth, min_samples_leaf, train_rows, test,
          experiment, registered_model):
     """Train on one TLC month, validate on another, register and gate the model."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("INFO")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     summary = run_training(train, val, model, int(n_estimators), int(max_depth),
                            int(min_samples_leaf), int(train_rows), experiment, registered_model,

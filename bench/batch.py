@@ -10,7 +10,7 @@ input with the same registered model:
 (a) baseline, as in the MLOps Zoomcamp ``score.py``: ``pd.read_parquet``, duration and
     1..60 min filter, ``df[categorical].astype(str)``, ``to_dict(orient="records")``,
     ``DictVectorizer + LinearRegression`` pipeline predict, ``to_parquet``;
-(b) ``serve.batch.score_month`` (chunked, vectorized; evaluation run off, the baseline
+(b) ``serve.batch.run.score_month`` (chunked, vectorized; evaluation run off, the baseline
     has none).
 
 Prints the read parquet -> write parquet time (after imports and model load,
@@ -85,9 +85,9 @@ def run_baseline(model_uri: str, input_path: str, output: str, month: str) -> di
 
 
 def run_serve_batch(model_uri: str, input_path: str, output: str, month: str) -> dict:
-    """serve.batch.score_month on the same input."""
+    """serve.batch.run.score_month on the same input."""
     t0 = time.perf_counter()
-    from serve.batch import score_month
+    from serve.batch.run import score_month
     from serve.registry import load_model
 
     loaded = load_model(model_uri)
@@ -143,21 +143,20 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     if child:
         print(json.dumps(CONTENDERS[child](model_uri, input_path, output, month)), flush=True)
         return
-    import logging
-
-    from ops.procs import free_port, http_ok, start, stop, wait_for
-    from ops.stackctl import embedded_server_cmd, server_env
+    from ops.procs import free_port, http_ok, spawn, stop
+    from ops.stackctl.server import embedded_server_cmd, server_env
     from ops.synth import write_month
+    from serve.logs import setup_logging
 
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         tmp = Path(tmp)
         port = free_port()
-        server = start(embedded_server_cmd(tmp / "mlflow", "127.0.0.1", port),
-                       tmp / "server.log", env=server_env())
+        uri = f"http://127.0.0.1:{port}"
+        server = spawn(embedded_server_cmd(tmp / "mlflow", "127.0.0.1", port),
+                       tmp / "server.log", http_ok(f"{uri}/health"), "mlflow server",
+                       timeout=120, env=server_env())
         try:
-            uri = f"http://127.0.0.1:{port}"
-            wait_for(http_ok(f"{uri}/health"), "mlflow server", timeout=120, proc=server)
             os.environ["MLFLOW_TRACKING_URI"] = uri
             from train import run_training
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.procs import free_port, http_ok, spawn, stop
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,14 +137,14 @@ class Bench:
         """Start ``cmd`` ({port} replaced by a free port), wait until ``ready`` answers 200."""
         port = free_port()
         cmd = [c.replace("{port}", str(port)) for c in cmd]
-        proc = start(cmd, self.home / f"{name}.log", env={**self.env, **(env or {})}, cwd=ROOT)
-        self.stack.callback(stop, proc.pid)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_for(http_ok(url + ready), name, timeout=180, proc=proc)
+            proc = spawn(cmd, self.home / f"{name}.log", http_ok(url + ready), name, timeout=180,
+                         env={**self.env, **(env or {})}, cwd=ROOT)
         except (TimeoutError, RuntimeError) as e:
             log = (self.home / f"{name}.log").read_text(errors="replace")[-2000:]
             raise click.ClickException(f"{name} did not start: {e}\n{log}") from e
+        self.stack.callback(stop, proc.pid)
         self.pid = proc.pid
         return url
 

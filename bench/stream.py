@@ -30,8 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 
-from ops.procs import free_port, http_ok, start, stop, wait_for  # noqa: E402
-from serve.stream import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
+from ops.moto import start_moto  # noqa: E402
+from ops.procs import spawn, stop, wait_for  # noqa: E402
+from serve.stream.core import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
     produce,
@@ -43,8 +44,6 @@ from serve.stream.runner import kinesis_event  # noqa: E402
 from serve.stream.sinks import KinesisSink  # noqa: E402
 
 BATCH = 100
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def course_style_handler(pyfunc, client, stream: str, version: str):
@@ -132,23 +131,19 @@ class Tail(threading.Thread):
               help="Runner --batch-size in the sustained run (Lambda BatchSize).")
 def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> None:
     """Course-style vs batched handler, then a sustained end-to-end run with latency."""
-    import boto3
     import mlflow
 
     from ops.synth import write_month
     from serve.tlc import read_training_frame
     from train import build_estimator, fit_model, model_code_dir
 
-    os.environ.update(AWS_ENV)
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                  "-p", str(port)], work / "moto.log")
+    moto = start_moto(work / "moto.log")
+    os.environ.update(moto.env)
+    endpoint = moto.endpoint
     runner = None
     try:
-        wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=moto)
-        client = boto3.client("kinesis", endpoint_url=endpoint)
+        client = moto.client("kinesis")
 
         # One model for everybody: trained on a synthetic month, saved as an MLflow model.
         train = write_month("green", "2021-01", 60_000, work / "train.parquet", 0)
@@ -180,15 +175,15 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         shards = 2
         ensure_stream(client, "rides_in", shards)
         ensure_stream(client, "predictions", shards)
-        env = {**os.environ, **AWS_ENV}
-        runner = start([sys.executable, "-m", "serve.stream", "--input-stream", "rides_in",
+        env = {**os.environ, **moto.env}
+        runner = spawn([sys.executable, "-m", "serve.stream", "--input-stream", "rides_in",
                         "--output-stream", "predictions", "--endpoint-url", endpoint,
                         "--consumer", "bench", "--model-location", str(work / "model"),
                         "--model-version", "1", "--batch-size", str(batch_size),
                         "--poll-interval", "0.1", "--checkpoint-dir", str(work / "cp")],
-                       work / "runner.log", env=env, cwd=ROOT)
-        wait_for(lambda: "reading rides_in" in (work / "runner.log").read_text(), "runner",
-                 timeout=120, proc=runner)
+                       work / "runner.log",
+                       lambda: "reading rides_in" in (work / "runner.log").read_text(), "runner",
+                       timeout=120, env=env, cwd=ROOT)
         tail = Tail(client, "predictions")
         tail.start()
         n = int(seconds * rate * shards)
@@ -211,7 +206,7 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
     finally:
         if runner is not None:
             stop(runner.pid)
-        stop(moto.pid)
+        moto.stop()
 
 
 if __name__ == "__main__":

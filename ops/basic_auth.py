@@ -1,12 +1,15 @@
 """Secrets checks and MLflow's basic-auth configuration, shared by ``ops/stack --auth`` and the
-tracking image (``ops/Dockerfile``). Standard library only: the image runs this module with
-nothing of the project installed but MLflow itself.
+tracking image (``ops/Dockerfile``). It imports only what that image has: the standard
+library, python-dotenv (an MLflow dependency) and ``serve.atomic`` (copied in).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from dotenv import dotenv_values
+
+from serve.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 # Values nobody should run a server with; every value in .env.example is refused as well.
@@ -19,12 +22,7 @@ def example_values(path: Path = ROOT / ".env.example") -> set[str]:
     """Every non-empty value in ``.env.example``: placeholders by definition."""
     if not path.exists():
         return set()
-    values = set()
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.strip().startswith("#") and value.strip():
-            values.add(value.strip().strip("'\""))
-    return values
+    return {v.strip() for v in dotenv_values(path).values() if v and v.strip()}
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -48,12 +46,9 @@ def check_admin_password(password: str | None) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider),
+    atomically."""
+    write_atomic(path, text, mode=0o600)
 
 
 def write_auth_ini(path: Path, database_uri: str, admin_username: str,

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import requests
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.moto import start_moto
+from ops.procs import free_port, http_ok, spawn, stop
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
+from serve.logs import setup_logging
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,9 @@ class Demo:
     def spawn(self, name: str, cmd: list[str], ready_url: str, timeout: float = 120,
               env: dict | None = None):
         """Start a long-running process, stop it when the demo ends, wait until ready."""
-        proc = start(cmd, self.logs / f"{name}.log", env={**self.env, **(env or {})}, cwd=ROOT)
+        proc = spawn(cmd, self.logs / f"{name}.log", http_ok(ready_url), name, timeout=timeout,
+                     env={**self.env, **(env or {})}, cwd=ROOT)
         self.stack.callback(stop, proc.pid)
-        wait_for(http_ok(ready_url), name, timeout=timeout, proc=proc)
         log.info("%s ready (logs: %s)", name, self.logs / f"{name}.log")
         return proc
 
@@ -127,29 +129,22 @@ class Demo:
 
     def stream(self) -> dict:
         """moto_server as Kinesis; one ride in, the local runner once, the prediction event out."""
-        import boto3
-
         from serve.stream.produce import ensure_stream, payloads, read_stream
 
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        self.spawn("moto-server", [str(Path(sys.executable).parent / "moto_server"), "-H",
-                                   "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/")
-        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        kinesis = boto3.client("kinesis", endpoint_url=endpoint, region_name="us-east-1",
-                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        moto = start_moto(self.logs / "moto-server.log")
+        self.stack.callback(moto.stop)
+        kinesis = moto.client("kinesis")
         for name in ("ride_events", "ride_predictions", "ride_dead_letters"):
             ensure_stream(kinesis, name, 1)
         kinesis.put_record(StreamName="ride_events", PartitionKey="256",
                            Data=json.dumps({"ride": SAMPLE_RIDE, "ride_id": 256}))
         checkpoints = HOME / "stream-checkpoints"
         shutil.rmtree(checkpoints, ignore_errors=True)  # a new moto starts at sequence 1 again
-        saved, self.env = self.env, {**self.env, **aws}  # fake credentials for this step only
+        saved, self.env = self.env, {**self.env, **moto.env}  # fake credentials, this step only
         try:
             self.run("stream-runner", [
                 sys.executable, "-m", "serve.stream", "--input-stream", "ride_events",
-                "--output-stream", "ride_predictions", "--endpoint-url", endpoint,
+                "--output-stream", "ride_predictions", "--endpoint-url", moto.endpoint,
                 "--consumer", "demo", "--model-uri", "models:/duration@production",
                 "--dead-letter", "ride_dead_letters", "--checkpoint-dir", str(checkpoints),
                 "--idle-exit", "1"])
@@ -159,7 +154,7 @@ class Demo:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s demo  %(message)s")
+    setup_logging("INFO")
     signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(HOME / "logs", ignore_errors=True)
     (HOME / "logs").mkdir(parents=True)

@@ -76,6 +76,27 @@ def start(cmd: list[str], log_path: str | Path, env: dict | None = None,
                                 start_new_session=True)
 
 
+def spawn(cmd: list[str], log_path: str | Path, ready: Callable[[], object], what: str,
+          timeout: float = 60.0, env: dict | None = None, cwd: str | Path | None = None,
+          on_start: Callable[[subprocess.Popen], object] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` (see :func:`start`) and wait until ``ready()`` holds (see :func:`wait_for`).
+
+    ``on_start(proc)`` runs right after the start (to record the pid before the wait). If the
+    process exits, is not ready within ``timeout``, or the wait is interrupted (Ctrl-C
+    included), it is stopped before the error propagates: the caller gets a ready process
+    or nothing left running.
+    """
+    proc = start(cmd, log_path, env=env, cwd=cwd)
+    try:
+        if on_start is not None:
+            on_start(proc)
+        wait_for(ready, what, timeout=timeout, proc=proc)
+    except BaseException:
+        stop(proc.pid)
+        raise
+    return proc
+
+
 def stop(pid: int, timeout: float = 15.0) -> bool:
     """SIGTERM the process group of ``pid``, SIGKILL after ``timeout``; True if it was alive."""
     try:

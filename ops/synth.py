@@ -26,6 +26,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serve.atomic import atomic_path
+from serve.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 N_ZONES = 265
@@ -186,11 +189,9 @@ def synth_month(taxi: str, month: str, rows: int, seed: int = 0) -> pa.Table:
 def write_month(taxi: str, month: str, rows: int, out: str | Path, seed: int = 0) -> Path:
     """Generate one month and write it as parquet (row groups like the real files)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     table = synth_month(taxi, month, rows, seed)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
     return out
 
 
@@ -205,7 +206,7 @@ def write_month(taxi: str, month: str, rows: int, out: str | Path, seed: int = 0
               help="Output parquet path [default: data/<taxi>_tripdata_<month>.parquet].")
 def main(taxi: str, month: str, rows: int, seed: int, out: str | None) -> None:
     """Write a synthetic TLC-schema month of taxi trips as parquet."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("INFO")
     out = out or f"data/{taxi}_tripdata_{month}.parquet"
     t0 = time.perf_counter()
     path = write_month(taxi, month, rows, out, seed)

@@ -29,3 +29,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings read now from the environment (and ``.env``), not at import time."""
     return Settings()
+
+
+def use_tracking_server(settings: Settings | None = None) -> str:
+    """Point MLflow at the tracking server the settings name (environment, then ``.env``, then
+    the default) for this process and the subprocesses it starts; returns the URI.
+
+    The one place the tracking URI is resolved: every entry point (train, web, batch, stream,
+    the Lambda, the Prefect flow) calls it once at start-up.
+    """
+    import mlflow
+
+    uri = (settings or get_settings()).mlflow_tracking_uri
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to subprocesses
+    return uri

@@ -9,16 +9,16 @@ mapping with ``FunctionResponseTypes: [ReportBatchItemFailures]``.
 
 from __future__ import annotations
 
-import logging
 from functools import cache
 
+from serve.logs import setup_logging
 from serve.stream.app import Handler, StreamSettings, build_handler
 
 
 @cache
 def _handler() -> Handler:
     # First invocation of the container = cold start: model and clients load once.
-    logging.getLogger().setLevel(logging.INFO)
+    setup_logging("INFO")  # the runtime has its handler: this sets the level
     return build_handler(StreamSettings())
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serve.atomic import atomic_path
 from serve.features import Rides
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,9 @@ class ParquetSink:
 
         self._seq += 1
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        tmp = self.folder / f".part-{stamp}-{self._seq:06d}.parquet.tmp"
-        try:
+        # Readers never see half a file; a failed write leaves no temporary file behind.
+        with atomic_path(self.folder / f"part-{stamp}-{self._seq:06d}.parquet") as tmp:
             pq.write_table(pa.table(columns), tmp)
-            tmp.rename(tmp.with_name(tmp.name[1:-4]))  # readers never see half a file
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # no half-written temp file left behind
-            raise
 
     def close(self) -> None:
         pass

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +22,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serve.atomic import atomic_path
 from serve.errors import InvalidInput
 from serve.features import RIDE_COLUMNS, check_rides, duration_mask, ride_durations
 
@@ -73,28 +73,19 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
     dest = dest_dir / f"{digest}-{name}"
     if dest.exists():
         return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
     # A temporary file of this download only (concurrent downloads each have their own),
     # deleted on any failure: the cache holds complete files or nothing.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
-    tmp = Path(tmp_name)
-    try:
-        log.info("downloading %s", url)
-        with os.fdopen(fd, "wb") as fh, \
-                requests.get(url, stream=True, timeout=(10, 60)) as resp:
-            if resp.status_code != 200:
-                raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
-            total = int(resp.headers.get("content-length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name,
-                      disable=not sys.stderr.isatty()) as bar:
-                for chunk in resp.iter_content(chunk_size=1 << 20):
-                    fh.write(chunk)
-                    bar.update(len(chunk))
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache is readable like before
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    log.info("downloading %s", url)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh, \
+            requests.get(url, stream=True, timeout=(10, 60)) as resp:
+        if resp.status_code != 200:
+            raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
+        total = int(resp.headers.get("content-length", 0)) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name,
+                  disable=not sys.stderr.isatty()) as bar:
+            for chunk in resp.iter_content(chunk_size=1 << 20):
+                fh.write(chunk)
+                bar.update(len(chunk))
     return dest
 
 

@@ -25,9 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from ops.pg import drop_database_and_role, ensure_postgres_running, ensure_role_and_database
-from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackctl import embedded_server_cmd, server_env
+from ops.moto import start_moto
+from ops.procs import free_port, http_ok, spawn, stop
+from ops.stackctl.pg import (
+    drop_database_and_role,
+    ensure_postgres_running,
+    ensure_role_and_database,
+)
+from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +76,9 @@ class TrackingServer:
 def start_tracking_server(home: Path, port: int | None = None) -> TrackingServer:
     """Start an embedded-mode tracking server in ``home`` and wait until it is healthy."""
     port = port or free_port()
-    cmd = embedded_server_cmd(home, "127.0.0.1", port)
-    proc = start(cmd, home / "server.log", env=server_env())
     uri = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{uri}/health"), "mlflow server", timeout=120, proc=proc)
+    proc = spawn(embedded_server_cmd(home, "127.0.0.1", port), home / "server.log",
+                 http_ok(f"{uri}/health"), "mlflow server", timeout=120, env=server_env())
     return TrackingServer(uri=uri, home=home, proc=proc, port=port)
 
 
@@ -99,33 +103,12 @@ def registered_model(tracking_server, months) -> dict:
     return summary
 
 
-@dataclass(frozen=True)
-class Moto:
-    """A running moto_server: its endpoint and the (fake) credentials clients use."""
-
-    endpoint: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
-
-    def client(self, service: str):
-        import boto3
-
-        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = start([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log)
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{endpoint}/moto-api/"), "moto_server", timeout=60, proc=proc)
-    yield Moto(endpoint)
-    stop(proc.pid)
+    """A moto_server (ops.moto.Moto: endpoint, env with its fake credentials, client())."""
+    server = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

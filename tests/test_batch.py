@@ -18,7 +18,19 @@ import pytest
 from click.testing import CliRunner
 
 from ops.synth import synth_month, write_month
-from serve import batch
+from serve.batch.cli import main
+from serve.batch.core import DROPOFF, OUTPUT_SCHEMA, PICKUP, REJECTS_SCHEMA, score_chunk
+from serve.batch.months import (
+    infer_from_name,
+    month_input,
+    month_range,
+    parse_month,
+    partition,
+    ride_id_prefix,
+)
+from serve.batch.output import atomic_parquet
+from serve.batch.run import BatchSettings, backfill, score_month
+from serve.batch.sources import database_source, parquet_source
 from serve.errors import InvalidInput
 from serve.features import duration_mask
 
@@ -27,28 +39,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- pure logic ----------------------------------------------------------------------------
 def test_month_range_and_partition():
-    assert batch.month_range("2021-11", "2022-02") == ["2021-11", "2021-12", "2022-01",
+    assert month_range("2021-11", "2022-02") == ["2021-11", "2021-12", "2022-01",
                                                       "2022-02"]
-    assert batch.partition("green", "2021-03") == "taxi_type=green/year=2021/month=03"
-    assert batch.ride_id_prefix("2021-03") == "2021/03_"
+    assert partition("green", "2021-03") == "taxi_type=green/year=2021/month=03"
+    assert ride_id_prefix("2021-03") == "2021/03_"
     with pytest.raises(InvalidInput, match="--to"):
-        batch.month_range("2021-03", "2021-01")
+        month_range("2021-03", "2021-01")
     with pytest.raises(InvalidInput, match="--month must be YYYY-MM"):
-        batch.parse_month("2021-13")
+        parse_month("2021-13")
 
 
 def test_month_input_and_names():
-    assert batch.month_input("d/green_tripdata_{month}.parquet", "green", "2021-04") == \
+    assert month_input("d/green_tripdata_{month}.parquet", "green", "2021-04") == \
         "d/green_tripdata_2021-04.parquet"
-    assert batch.month_input(None, "yellow", "2021-04").endswith(
+    assert month_input(None, "yellow", "2021-04").endswith(
         "yellow_tripdata_2021-04.parquet")
-    db = batch.month_input("postgresql+psycopg2://u@h/db?table=rides", "green", "2021-04")
+    db = month_input("postgresql+psycopg2://u@h/db?table=rides", "green", "2021-04")
     assert "month=2021-04" in db and "table=rides" in db
-    assert batch.infer_from_name("s3://b/green_tripdata_2021-03.parquet") == ("green", "2021-03")
-    assert batch.infer_from_name("postgresql+psycopg2://u@h/db?table=r&month=2021-05") == \
+    assert infer_from_name("s3://b/green_tripdata_2021-03.parquet") == ("green", "2021-03")
+    assert infer_from_name("postgresql+psycopg2://u@h/db?table=r&month=2021-05") == \
         (None, "2021-05")
     # a backfill template still names the taxi type (yellow months must not land under green)
-    assert batch.infer_from_name("s3://b/tlc/yellow_tripdata_{month}.parquet") == ("yellow", None)
+    assert infer_from_name("s3://b/tlc/yellow_tripdata_{month}.parquet") == ("yellow", None)
 
 
 def test_prefect_flow_schedules_the_previous_month_without_prefect_installed():
@@ -63,12 +75,12 @@ def test_prefect_flow_schedules_the_previous_month_without_prefect_installed():
 def test_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):
     target = tmp_path / "taxi_type=green/year=2021/month=03/predictions.parquet"
     with pytest.raises(RuntimeError, match="boom"):
-        with batch.atomic_parquet(str(target), batch.OUTPUT_SCHEMA) as writer:
-            writer.write_table(batch.OUTPUT_SCHEMA.empty_table())
+        with atomic_parquet(str(target), OUTPUT_SCHEMA) as writer:
+            writer.write_table(OUTPUT_SCHEMA.empty_table())
             raise RuntimeError("boom")
     assert list(target.parent.iterdir()) == []
-    with batch.atomic_parquet(str(target), batch.OUTPUT_SCHEMA) as writer:
-        writer.write_table(batch.OUTPUT_SCHEMA.empty_table())
+    with atomic_parquet(str(target), OUTPUT_SCHEMA) as writer:
+        writer.write_table(OUTPUT_SCHEMA.empty_table())
     assert [p.name for p in target.parent.iterdir()] == ["predictions.parquet"]
 
 
@@ -85,17 +97,17 @@ def ride_model(months):
 
 def test_score_chunk_splits_rejects_and_counts(ride_model):
     chunk = pa.table({
-        batch.PICKUP: pa.array(pd.to_datetime(["2021-03-01 10:00"] * 5), pa.timestamp("us")),
-        batch.DROPOFF: pa.array(pd.to_datetime(["2021-03-01 10:12", "2021-03-01 10:30",
+        PICKUP: pa.array(pd.to_datetime(["2021-03-01 10:00"] * 5), pa.timestamp("us")),
+        DROPOFF: pa.array(pd.to_datetime(["2021-03-01 10:12", "2021-03-01 10:30",
                                                 "2021-03-01 12:00", "2021-03-01 10:05",
                                                 None]), pa.timestamp("us")),
         "PULocationID": pa.array([43, 0, 43, None, 7], pa.int64()),
         "DOLocationID": pa.array([151, 151, 151, 20, 8], pa.int64()),
         "trip_distance": pa.array([1.8, 2.0, -1.0, 1.0, 3.0]),
     })
-    scored = batch.score_chunk(chunk, 100, ride_model, "7", "2021/03_")
+    scored = score_chunk(chunk, 100, ride_model, "7", "2021/03_")
     p, r = scored.predictions.to_pandas(), scored.rejects.to_pandas()
-    assert scored.predictions.schema == batch.OUTPUT_SCHEMA
+    assert scored.predictions.schema == OUTPUT_SCHEMA
     assert list(p["ride_id"]) == ["2021/03_100", "2021/03_104"]
     assert list(r["ride_id"]) == ["2021/03_101", "2021/03_102", "2021/03_103"]
     assert r["reason"].str.split(" ").str[0].tolist() == [
@@ -126,7 +138,7 @@ def test_parquet_inputs_are_closed(months, tmp_path):
     from serve.tlc import read_training_frame
 
     path = months.test
-    source = batch.parquet_source(str(path), 10_000)
+    source = parquet_source(str(path), 10_000)
     assert _open_fds(path) == 0  # the source keeps no file open between reads
     chunks = source.chunks()
     next(chunks)
@@ -139,7 +151,7 @@ def test_parquet_inputs_are_closed(months, tmp_path):
     no_distance = tmp_path / "green_tripdata_2021-03.parquet"
     pq.write_table(pq.read_table(path).drop_columns(["trip_distance"]), no_distance)
     with pytest.raises(InvalidInput, match="trip_distance"):
-        batch.parquet_source(str(no_distance), 10_000)
+        parquet_source(str(no_distance), 10_000)
     assert _open_fds(no_distance) == 0
 
     read_training_frame(str(path))
@@ -150,15 +162,15 @@ def test_parquet_inputs_are_closed(months, tmp_path):
 def test_score_chunk_without_rejects_and_with_other_time_units(ride_model):
     times = pd.to_datetime(["2021-03-01 10:00", "2021-03-01 10:30"])
     chunk = pa.table({
-        batch.PICKUP: pa.array(times, pa.timestamp("ms")),
-        batch.DROPOFF: pa.array(times + pd.Timedelta(minutes=12), pa.timestamp("ns")),
+        PICKUP: pa.array(times, pa.timestamp("ms")),
+        DROPOFF: pa.array(times + pd.Timedelta(minutes=12), pa.timestamp("ns")),
         "PULocationID": pa.array([43, 7], pa.int64()),
         "DOLocationID": pa.array([151, 8], pa.int64()),
         "trip_distance": pa.array([1.8, 3.0]),
     })
-    scored = batch.score_chunk(chunk, 0, ride_model, "7", "2021/03_")
-    assert scored.rejects.schema == batch.REJECTS_SCHEMA and scored.rejects.num_rows == 0
-    assert scored.predictions.schema == batch.OUTPUT_SCHEMA
+    scored = score_chunk(chunk, 0, ride_model, "7", "2021/03_")
+    assert scored.rejects.schema == REJECTS_SCHEMA and scored.rejects.num_rows == 0
+    assert scored.predictions.schema == OUTPUT_SCHEMA
     assert scored.predictions.column("actual_duration").to_pylist() == [12.0, 12.0]
     assert scored.predictions.column("pickup_datetime").to_pylist() == list(times)
 
@@ -193,11 +205,11 @@ def test_local_month_end_to_end_with_evaluation_run(tmp_path, months, model_uri,
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
-    result = batch.score_month(model_uri, str(months.test), str(out), "green", "2021-03")
+    result = score_month(model_uri, str(months.test), str(out), "green", "2021-03")
     path = out / "taxi_type=green/year=2021/month=03/predictions.parquet"
     assert result.predictions == str(path) and path.is_file()
     table = pq.read_table(path)
-    assert table.schema.names == batch.OUTPUT_SCHEMA.names
+    assert table.schema.names == OUTPUT_SCHEMA.names
     df = table.to_pandas()
     src = _check_month(df, months.test, model_uri)
     assert len(df) + result.metrics["rows_rejected"] == len(src) == result.metrics["rows"]
@@ -221,8 +233,8 @@ def test_local_month_end_to_end_with_evaluation_run(tmp_path, months, model_uri,
     assert run.data.params["input_uri"] == str(months.test)
 
     # a re-run replaces the month with the same ride ids and predictions
-    again = batch.score_month(model_uri, str(months.test), str(out), "green", "2021-03",
-                              evaluate=False)
+    again = score_month(model_uri, str(months.test), str(out), "green", "2021-03",
+                        evaluate=False)
     assert again.run_id is None
     pd.testing.assert_frame_equal(_read(str(path)), df)
 
@@ -236,8 +248,8 @@ def test_rejects_file_for_planted_bad_rows(tmp_path, model_uri, tracking_server)
     df.loc[[40, 50], "trip_distance"] = [-2.0, np.inf]
     src = tmp_path / "yellow_tripdata_2021-04.parquet"
     df.to_parquet(src)
-    result = batch.score_month(model_uri, str(src), str(tmp_path / "out"), "yellow", "2021-04",
-                               evaluate=False)
+    result = score_month(model_uri, str(src), str(tmp_path / "out"), "yellow", "2021-04",
+                         evaluate=False)
     rej = _read(result.rejects)
     assert result.rejects.endswith("_rejects/taxi_type=yellow/year=2021/month=04/rejects.parquet")
     assert rej["ride_id"].tolist() == [f"2021/04_{i}" for i in (10, 20, 30, 40, 50)]
@@ -254,16 +266,16 @@ def test_s3_input_and_output(tmp_path, months, model_uri, moto, monkeypatch):
     s3 = moto.client("s3")
     s3.create_bucket(Bucket="rides")
     s3.upload_file(str(months.test), "rides", "in/green_tripdata_2021-03.parquet")
-    result = batch.score_month(model_uri, "s3://rides/in/green_tripdata_2021-03.parquet",
-                               "s3://rides/scored", "green", "2021-03", evaluate=False)
+    result = score_month(model_uri, "s3://rides/in/green_tripdata_2021-03.parquet",
+                         "s3://rides/scored", "green", "2021-03", evaluate=False)
     # (pyarrow leaves empty "dir/" marker keys after deleting the temporary key: ignored)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="rides", Prefix="scored/")[
         "Contents"] if not o["Key"].endswith("/"))
     assert keys == ["scored/_rejects/taxi_type=green/year=2021/month=03/rejects.parquet",
                     "scored/taxi_type=green/year=2021/month=03/predictions.parquet"]
     s3.download_file("rides", keys[1], str(tmp_path / "p.parquet"))
-    local = batch.score_month(model_uri, str(months.test), str(tmp_path / "out"), "green",
-                              "2021-03", evaluate=False)
+    local = score_month(model_uri, str(months.test), str(tmp_path / "out"), "green",
+                        "2021-03", evaluate=False)
     pd.testing.assert_frame_equal(_read(str(tmp_path / "p.parquet")), _read(local.predictions))
     assert result.metrics == local.metrics
 
@@ -271,18 +283,18 @@ def test_s3_input_and_output(tmp_path, months, model_uri, moto, monkeypatch):
 def test_https_style_input_is_downloaded_once_and_scored(tmp_path, months, model_uri,
                                                          monkeypatch):
     """The TLC URL path, against a local HTTP server (no internet in CI)."""
-    from ops.procs import free_port, http_ok, start, stop, wait_for
+    from ops.procs import free_port, http_ok, spawn, stop
 
     port = free_port()
-    server = start([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                    "--directory", str(months.test.parent)], tmp_path / "http.log")
+    base = f"http://127.0.0.1:{port}"
+    server = spawn([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                    "--directory", str(months.test.parent)], tmp_path / "http.log",
+                   http_ok(f"{base}/"), "http.server", timeout=30)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(http_ok(f"{base}/"), "http.server", timeout=30, proc=server)
         monkeypatch.setenv("DURATION_CACHE", str(tmp_path / "cache"))
         url = f"{base}/{months.test.name}"
-        result = batch.score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
-                                   evaluate=False)
+        result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
+                             evaluate=False)
     finally:
         stop(server.pid)
     assert result.metrics["rows"] == 40_000
@@ -325,13 +337,13 @@ def test_postgres_table_input(tmp_path, months, model_uri, postgres, tracking_se
         conn.execute(sa.text('ALTER TABLE rides ALTER COLUMN trip_distance TYPE numeric(10, 2)'))
     engine.dispose()
     url = f"{postgres}?table=rides&month=2021-03"
-    result = batch.score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
-                               evaluate=False, settings=batch.BatchSettings(batch_rows=7_000))
+    result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
+                         evaluate=False, settings=BatchSettings(batch_rows=7_000))
     assert "?table=rides&month=2021-03" in result.input
     assert "duration_test:" not in result.input  # no password in logs and runs
     out = _read(result.predictions)
-    ref = _read(batch.score_month(model_uri, str(months.test), str(tmp_path / "ref"), "green",
-                                  "2021-03", evaluate=False).predictions)
+    ref = _read(score_month(model_uri, str(months.test), str(tmp_path / "ref"), "green",
+                            "2021-03", evaluate=False).predictions)
     assert len(out) == len(ref)
     assert out["pickup_datetime"].is_monotonic_increasing  # ordered, so ride ids are stable
     key = ["pickup_datetime", "PULocationID", "DOLocationID", "predicted_duration"]
@@ -371,11 +383,11 @@ def test_postgres_source_releases_its_connections(postgres):
 
     try:
         with pytest.raises(InvalidInput, match="trip_distance"):
-            batch.database_source(f"{postgres}?application_name={app}&table=leak_nodist",
-                                  "2021-03", 1)
+            database_source(f"{postgres}?application_name={app}&table=leak_nodist",
+                            "2021-03", 1)
         wait_for(none_open, "connections closed after a missing column", timeout=10)
-        source = batch.database_source(f"{postgres}?application_name={app}&table=leak_rides",
-                                       "2021-03", 1)
+        source = database_source(f"{postgres}?application_name={app}&table=leak_rides",
+                                 "2021-03", 1)
         assert source.rows is None  # no tty: no COUNT(*) just for a progress bar
         chunks = source.chunks()
         assert next(chunks).num_rows == 1
@@ -394,17 +406,17 @@ def test_backfill_skips_done_months_unless_forced(tmp_path, months, model_uri, t
     runner = CliRunner()
     args = ["--model-uri", model_uri, "--input", template, "--output", out,
             "--from", "2021-02", "--to", "2021-03", "--no-evaluate"]
-    first = runner.invoke(batch.main, args)
+    first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
     assert (tmp_path / "out/taxi_type=green/year=2021/month=02/predictions.parquet").is_file()
     assert (tmp_path / "out/taxi_type=green/year=2021/month=03/predictions.parquet").is_file()
-    results = batch.backfill(model_uri, template, out, "green", ["2021-02", "2021-03"],
-                             evaluate=False)
+    results = backfill(model_uri, template, out, "green", ["2021-02", "2021-03"],
+                       evaluate=False)
     assert [r.skipped for r in results] == [True, True]
-    forced = batch.backfill(model_uri, template, out, "green", ["2021-03"], force=True,
-                            evaluate=False)
+    forced = backfill(model_uri, template, out, "green", ["2021-03"], force=True,
+                      evaluate=False)
     assert not forced[0].skipped and forced[0].metrics["rows"] == 40_000
-    bad = runner.invoke(batch.main, [*args[:2], "--input", str(months.val), "--output", out,
+    bad = runner.invoke(main, [*args[:2], "--input", str(months.val), "--output", out,
                                      "--from", "2021-02", "--to", "2021-03"])
     assert bad.exit_code == 2 and "{month}" in bad.output
 
@@ -460,7 +472,7 @@ def test_cli_finds_the_tracking_server_in_dotenv(tmp_path, months, model_uri, tr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'wrong.db'}")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     try:
-        res = CliRunner().invoke(batch.main, ["--model-uri", model_uri, "--input",
+        res = CliRunner().invoke(main, ["--model-uri", model_uri, "--input",
                                               str(months.val), "--output", "out",
                                               "--no-evaluate"])
     finally:

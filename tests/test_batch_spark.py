@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ops.synth import synth_month
-from serve import batch
+from serve.batch.run import score_month
 from serve.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
 @pytest.fixture(scope="session")
 def spark():
-    from serve.batch_spark import spark_session
+    from serve.batch.spark import spark_session
 
     session = spark_session("local[2]", "duration-batch-test")
     yield session
@@ -40,10 +40,10 @@ def test_spark_engine_output_equals_local_engine(tmp_path, registered_model, spa
     df.to_parquet(src)
     model_uri = f"models:/duration/{registered_model['version']}"
 
-    local = batch.score_month(model_uri, str(src), str(tmp_path / "local"), "green", "2021-06",
-                              evaluate=False)
-    on_spark = batch.score_month(model_uri, str(src), str(tmp_path / "spark"), "green",
-                                 "2021-06", engine="spark", evaluate=True, spark=spark)
+    local = score_month(model_uri, str(src), str(tmp_path / "local"), "green", "2021-06",
+                        evaluate=False)
+    on_spark = score_month(model_uri, str(src), str(tmp_path / "spark"), "green",
+                           "2021-06", engine="spark", evaluate=True, spark=spark)
 
     # same partition path under each root, same columns and types, same values
     assert on_spark.predictions.replace("/spark/", "/local/") == local.predictions
@@ -61,7 +61,7 @@ def test_spark_engine_output_equals_local_engine(tmp_path, registered_model, spa
 
 
 def test_spark_engine_stops_only_the_session_it_started(tmp_path, spark):
-    from serve.batch_spark import score_with_spark
+    from serve.batch.spark import score_with_spark
 
     # Fails right after the session is up (no trip_distance): no model needed.
     bad = tmp_path / "green_tripdata_2021-06.parquet"
@@ -74,7 +74,7 @@ def test_spark_engine_stops_only_the_session_it_started(tmp_path, spark):
     assert spark.range(3).count() == 3
     # ... one started for the call is stopped (in a fresh process: none is running there).
     code = ("import sys; from pyspark.sql import SparkSession; "
-            "from serve.batch_spark import score_with_spark; "
+            "from serve.batch.spark import score_with_spark; "
             "from serve.errors import InvalidInput\n"
             "try:\n    score_with_spark(None, *sys.argv[1:], master='local[1]')\n"
             "except InvalidInput:\n    pass\n"

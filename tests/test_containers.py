@@ -74,7 +74,8 @@ def local_model():
 def in_process(requests_: list[tuple[str, str, bytes, str | None]],
                tracking_uri: str) -> list[tuple[int, bytes]]:
     """The same requests through ``serve.web``'s ASGI app in this process (lifespan included)."""
-    from serve.web import WebSettings, create_app
+    from serve.web.app import create_app
+    from serve.web.settings import WebSettings
 
     app = create_app(WebSettings(model_uri="models:/duration@production",
                                  mlflow_tracking_uri=tracking_uri))
@@ -350,9 +351,8 @@ def tracking_bucket(moto):
 
 
 def s3_server_env(moto, bucket: str, port: int) -> dict[str, str]:
-    return {"MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlartifacts",
-            "MLFLOW_S3_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    return {**moto.env, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlartifacts",
+            "MLFLOW_S3_ENDPOINT_URL": moto.endpoint,
             "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port)}
 
 
@@ -639,9 +639,8 @@ def new_stream(moto) -> tuple[object, str]:
 
 
 def lambda_env(moto, stream: str) -> dict[str, str]:
-    return {"PREDICTIONS_STREAM_NAME": stream, "KINESIS_ENDPOINT_URL": moto.endpoint,
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1"}
+    return {**moto.env, "PREDICTIONS_STREAM_NAME": stream,
+            "KINESIS_ENDPOINT_URL": moto.endpoint}
 
 
 def test_lambda_image_kinesis_event_to_prediction_events(images, moto, tracking_server,
@@ -736,11 +735,10 @@ def test_compose_mlflow_service_on_host_services(images, postgres, moto, trackin
         "environment": {"MLFLOW_BACKEND_STORE_URI": "${TEST_STORE_URI}",
                         "MLFLOW_S3_ENDPOINT_URL": moto.endpoint,
                         "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{tracking_bucket}/compose",
-                        "AWS_ACCESS_KEY_ID": "testing",
-                        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port)}}}}))
+                        **moto.env, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port)}}}}))
     project = f"duration-test-{SESSION}"
     env = dict(os.environ, POSTGRES_PASSWORD="unused-" + os.urandom(6).hex(),
-               MINIO_ROOT_PASSWORD="testing", TEST_STORE_URI=postgres)
+               MINIO_ROOT_PASSWORD="unused-" + os.urandom(6).hex(), TEST_STORE_URI=postgres)
     base = [*compose, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(override)]
     name = f"duration-compose-{SESSION}"
     images.containers.append(name)

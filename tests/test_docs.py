@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-import ops.stackconfig
-from serve.batch import BatchSettings
+import ops.stackctl.config
+from serve.batch.run import BatchSettings
 from serve.config import Settings
 from serve.stream.app import StreamSettings
-from serve.web import WebSettings
+from serve.web.settings import WebSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def _settings_classes() -> list[type[BaseSettings]]:
-    stack = [c for _, c in inspect.getmembers(ops.stackconfig, inspect.isclass)
-             if issubclass(c, BaseSettings) and c.__module__ == ops.stackconfig.__name__]
-    assert stack, "ops.stackconfig defines no settings class"
+    stack = [c for _, c in inspect.getmembers(ops.stackctl.config, inspect.isclass)
+             if issubclass(c, BaseSettings) and c.__module__ == ops.stackctl.config.__name__]
+    assert stack, "ops.stackctl.config defines no settings class"
     return [Settings, WebSettings, BatchSettings, StreamSettings, *stack]
 
 

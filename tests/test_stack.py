@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from ops.pg import drop_database_and_role, masked, store_uri
-from ops.procs import free_port, http_ok, start, stop, wait_for
-from ops.stackconfig import is_placeholder, write_private
-from ops.stackctl import StackPaths, default_allowed_hosts, read_pid, server_cmd, write_pid
+from ops.moto import MOTO_CREDENTIALS, Moto
+from ops.procs import free_port, http_ok, spawn, stop, wait_for
+from ops.stackctl.config import is_placeholder, write_private
+from ops.stackctl.pg import drop_database_and_role, masked, store_uri
+from ops.stackctl.server import default_allowed_hosts, server_cmd
+from ops.stackctl.state import StackPaths, read_pid, write_pid
 from ops.synth import write_month
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,11 +154,7 @@ class Stack:
 
     def s3(self):
         """boto3 S3 client with the server's credentials (the moto ones)."""
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.state["s3"]["endpoint"],
-                            region_name="us-east-1", aws_access_key_id="testing",
-                            aws_secret_access_key="testing")
+        return Moto(self.state["s3"]["endpoint"]).client("s3")
 
     def client_env(self) -> dict[str, str]:
         """A training/serving client's environment: the tracking URI, no S3 credentials."""
@@ -239,12 +237,12 @@ def test_client_run_lands_in_postgres_and_the_bucket(stack, trained):
 def test_client_serves_production_model_without_s3_credentials(stack, trained, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+    proc = spawn([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                   "models:/duration@production", "--env-manager", "local",
                   "-h", "127.0.0.1", "-p", str(port)], tmp_path / "serve.log",
+                 http_ok(f"{url}/ping"), "mlflow models serve", timeout=180,
                  env=stack.client_env())
     try:
-        wait_for(http_ok(f"{url}/ping"), "mlflow models serve", timeout=180, proc=proc)
         resp = requests.post(f"{url}/invocations", json={"dataframe_records": [RIDE]},
                              timeout=30)
         assert resp.status_code == 200, resp.text
@@ -350,8 +348,7 @@ def test_bad_configuration_fails_fast_with_one_line(stack, case, tmp_path):
     if case == "wrong password":
         env["POSTGRES_PASSWORD"] = secrets.token_urlsafe(16)
     elif case == "unreachable s3":
-        env.update(POSTGRES_PASSWORD=stack.password, AWS_ACCESS_KEY_ID="testing",
-                   AWS_SECRET_ACCESS_KEY="testing",
+        env.update(POSTGRES_PASSWORD=stack.password, **MOTO_CREDENTIALS,
                    MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
     else:
         env["STACK_PORT"] = stack.env["STACK_PORT"]

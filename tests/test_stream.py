@@ -11,7 +11,8 @@ import pytest
 from botocore.exceptions import ClientError
 from sklearn.linear_model import LinearRegression
 
-from serve.stream import (
+from serve.stream.checkpoints import Checkpoints
+from serve.stream.core import (
     MODEL_NAME,
     CollectingSink,
     OutRecord,
@@ -19,7 +20,7 @@ from serve.stream import (
     decode_data,
     prediction_event,
 )
-from serve.stream.runner import Checkpoints, kinesis_event, lowest_failure
+from serve.stream.runner import kinesis_event, lowest_failure
 from serve.stream.sinks import KinesisSink, S3Sink, chunks, parse_s3_uri
 from train import fit_model
 
@@ -129,7 +130,7 @@ def test_aws_event_gives_the_exact_events_and_dead_letters(model):
      "ride_id must be at most 256 characters"),
 ])
 def test_poison_reasons_name_the_problem(data, reason):
-    from serve.stream import PoisonRecord
+    from serve.stream.core import PoisonRecord
 
     with pytest.raises(PoisonRecord) as e:
         decode_data(b64(data))
@@ -333,7 +334,7 @@ def test_lambda_handler_dry_run_from_a_local_model(model, tmp_path, monkeypatch)
 
 
 def test_record_without_data_is_poison_not_a_batch_failure():
-    from serve.stream import decode_records
+    from serve.stream.core import decode_records
 
     good = b64({"ride_id": 7, "ride": {"PULocationID": 1, "DOLocationID": 2,
                                        "trip_distance": 1.5}})

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from ops.procs import start, stop, wait_for
-from serve.stream import PoisonRecord, decode_data
+from serve.stream.core import PoisonRecord, decode_data
 from serve.stream.produce import (
     ensure_stream,
     payloads,
@@ -79,7 +79,8 @@ def test_one_prediction_per_valid_ride_and_every_poison_dead_lettered(
         kinesis, ride_stream, registered_model, tmp_path):
     from serve.registry import load_model
     from serve.stream.app import StreamSettings, build_handler
-    from serve.stream.runner import Runner, consumer_checkpoints
+    from serve.stream.checkpoints import consumer_checkpoints
+    from serve.stream.runner import Runner
 
     out, dlq = f"preds-{secrets.token_hex(4)}", f"dead-{secrets.token_hex(4)}"
     ensure_stream(kinesis, out, SHARDS)
@@ -119,7 +120,7 @@ def runner_cmd(stream: str, out: str, endpoint: str, checkpoints: Path, dead: st
 
 def test_runner_killed_mid_stream_loses_nothing(aws, kinesis, ride_stream, registered_model,
                                                 tracking_server, tmp_path):
-    from serve.stream.runner import consumer_checkpoints
+    from serve.stream.checkpoints import consumer_checkpoints
 
     out = f"shadow-{secrets.token_hex(4)}"
     ensure_stream(kinesis, out, 1)
@@ -217,7 +218,8 @@ def small_stream(kinesis):
 
 
 def test_runner_redelivers_from_the_lowest_failure(kinesis, small_stream, tmp_path):
-    from serve.stream.runner import Checkpoints, Runner
+    from serve.stream.checkpoints import Checkpoints
+    from serve.stream.runner import Runner
 
     name, shard, seqs = small_stream
     handler = FlakyHandler(seqs[14], times=2)
@@ -232,7 +234,8 @@ def test_runner_redelivers_from_the_lowest_failure(kinesis, small_stream, tmp_pa
 
 
 def test_runner_stops_at_the_checkpoint_when_retries_run_out(kinesis, small_stream, tmp_path):
-    from serve.stream.runner import Checkpoints, RetriesExhausted, Runner
+    from serve.stream.checkpoints import Checkpoints
+    from serve.stream.runner import RetriesExhausted, Runner
 
     name, shard, seqs = small_stream
     cps = Checkpoints(tmp_path)
@@ -243,7 +246,8 @@ def test_runner_stops_at_the_checkpoint_when_retries_run_out(kinesis, small_stre
 
 
 def test_runner_retries_a_batch_whose_handler_raised(kinesis, small_stream, tmp_path):
-    from serve.stream.runner import Checkpoints, Runner
+    from serve.stream.checkpoints import Checkpoints
+    from serve.stream.runner import Runner
 
     name, shard, seqs = small_stream
     calls = []

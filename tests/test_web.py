@@ -20,7 +20,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.procs import free_port, http_ok, start, stop, wait_for
+from ops.procs import free_port, http_ok, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -59,13 +59,11 @@ def start_web(home: Path, model_uri: str, tracking_uri: str, *args: str,
     port = free_port()
     log = home / f"web-{port}.log"
     cmd = [sys.executable, "-m", "serve.web", "--model-uri", model_uri, "--port", str(port), *args]
-    proc = start(cmd, log, env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri), cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(http_ok(url + ("/ready" if ready else "/health")), "serve.web", timeout=90,
-                 proc=proc)
+        proc = spawn(cmd, log, http_ok(url + ("/ready" if ready else "/health")), "serve.web",
+                     timeout=90, env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri), cwd=ROOT)
     except Exception as e:
-        stop(proc.pid)
         raise AssertionError(f"serve.web did not start; log:\n{log.read_text()[-3000:]}") from e
     return Web(url, proc, log)
 
@@ -86,11 +84,11 @@ def mlflow_serve(registered_model, tracking_server, tmp_path_factory):
     """``mlflow models serve`` of the same version, the reference for /invocations."""
     port = free_port()
     log = tmp_path_factory.mktemp("mlflow-serve") / "serve.log"
-    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                  f"models:/duration/{registered_model['version']}", "--env-manager", "local",
-                  "-h", "127.0.0.1", "-p", str(port), "-w", "1"], log)
     url = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(url + "/ping"), "mlflow models serve", timeout=120, proc=proc)
+    proc = spawn([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                  f"models:/duration/{registered_model['version']}", "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port), "-w", "1"], log,
+                 http_ok(url + "/ping"), "mlflow models serve", timeout=120)
     yield url
     stop(proc.pid)
 
@@ -147,7 +145,7 @@ def test_metrics_count_requests_predictions_and_model(web):
 def test_a_large_batch_is_scored_off_the_event_loop_with_the_same_numbers(web):
     import mlflow
 
-    from serve.web import OFFLOAD_BYTES
+    from serve.web.app import OFFLOAD_BYTES
 
     n = MAX_ROWS
     rides = pd.DataFrame({"PULocationID": [1 + i % 265 for i in range(n)],

@@ -20,7 +20,7 @@ from serve.predlog import (
     to_columns,
 )
 from serve.scoring import decode_json, encode_predictions, fast_rides, media_type
-from serve.web import parse_predict
+from serve.web.service import parse_predict
 
 RIDE = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 

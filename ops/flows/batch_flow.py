@@ -17,7 +17,7 @@ import datetime as dt
 
 import click
 
-from serve.config import DEFAULT_MODEL_URI
+from serve.config import DEFAULT_MODEL_URI, use_tracking_server
 
 MONTHLY = "0 3 2 * *"  # 03:00 on the 2nd: the previous month is complete by then
 
@@ -33,7 +33,8 @@ def build_flow():
     """The Prefect flow ``duration-batch``: one task per month, retried on failure."""
     from prefect import flow, task
 
-    from serve.batch import backfill, month_range
+    from serve.batch.months import month_range
+    from serve.batch.run import backfill
 
     @task(retries=2, retry_delay_seconds=300)
     def score(model_uri: str, input_template: str | None, output: str, taxi_type: str,
@@ -46,6 +47,7 @@ def build_flow():
                    model_uri: str = DEFAULT_MODEL_URI, taxi_type: str = "green",
                    month: str | None = None, first: str | None = None,
                    last: str | None = None, force: bool = False) -> list[dict]:
+        use_tracking_server()  # the environment, then .env, then the default, like the CLI
         months = month_range(first, last) if first and last else [month or previous_month()]
         return [score(model_uri, input_template, output, taxi_type, m, force) for m in months]
 

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 import click
 import numpy as np
 
-from serve.stream import OutRecord, encode
+from serve.logs import setup_logging
+from serve.stream.core import OutRecord, encode
 from serve.stream.sinks import MAX_RECORDS, KinesisSink
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def cli(rides, stream, endpoint_url, rate, limit, poison_every, create_shards) -
     """Replay a parquet month of rides onto a Kinesis stream at a given rate."""
     import boto3
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging("INFO")
     from serve.config import get_settings
 
     # Same endpoint resolution as the runner and the sinks: option, environment, then .env.

@@ -15,22 +15,20 @@ the partition key ``ride_id``.
 from __future__ import annotations
 
 import base64
-import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 from botocore.exceptions import ClientError
 
+from serve.logs import setup_logging
 from serve.stream.app import Handler
+from serve.stream.checkpoints import Checkpoints, DryRunCheckpoints, consumer_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -39,67 +37,6 @@ LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/duration-local-runner"
 
 class RetriesExhausted(RuntimeError):
     """A batch kept failing: the shard stops at its checkpoint instead of skipping records."""
-
-
-# -- checkpoints --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Checkpoints:
-    """Last handled sequence number per shard, one small JSON file each."""
-
-    root: Path
-
-    def path(self, shard_id: str) -> Path:
-        """File holding the checkpoint of ``shard_id``."""
-        return self.root / f"{shard_id}.json"
-
-    def load(self, shard_id: str) -> str | None:
-        """The last handled sequence number, or None when the shard was never read."""
-        p = self.path(shard_id)
-        if not p.exists():
-            return None
-        return json.loads(p.read_text())["sequenceNumber"]
-
-    def save(self, shard_id: str, sequence_number: str) -> None:
-        """Write atomically (temp file + fsync + rename): a crash leaves the old or the new."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"sequenceNumber": sequence_number, "updatedAt": time.time()})
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{shard_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(shard_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-@dataclass
-class DryRunCheckpoints:
-    """A dry run (``--test-run``) starts at the consumer's checkpoints but never moves them:
-    the next real run of that consumer must still see every record."""
-
-    real: Checkpoints
-    moved: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def root(self) -> Path:
-        """The real consumer's folder (read, never written)."""
-        return self.real.root
-
-    def load(self, shard_id: str) -> str | None:
-        """Where this dry run is, else where the real consumer is."""
-        return self.moved.get(shard_id) or self.real.load(shard_id)
-
-    def save(self, shard_id: str, sequence_number: str) -> None:
-        """Remember in memory only."""
-        self.moved[shard_id] = sequence_number
-
-
-def consumer_checkpoints(base: str | Path, consumer: str, stream: str) -> Checkpoints:
-    """Each consumer of each stream has its own checkpoints (1-to-many)."""
-    return Checkpoints(Path(base) / consumer / stream)
 
 
 # -- events -------------------------------------------------------------------------------
@@ -353,8 +290,7 @@ def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_lo
 
     from serve.stream.app import StreamSettings, build_handler
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("INFO")
     overrides = {"predictions_stream_name": output_stream, "kinesis_endpoint_url": endpoint_url,
                  "model_uri": model_uri, "model_location": model_location,
                  "model_version": model_version, "dead_letter_destination": dead_letter,

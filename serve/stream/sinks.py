@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from serve.stream import OutRecord
+from serve.stream.core import OutRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,22 @@
-"""The S3 endpoint of the tracking stack: reach it with a bounded retry, create the bucket.
+"""The S3 endpoint of the tracking stack: reach it with a bounded retry, create the bucket;
+start (or reuse) a local moto_server when no endpoint is configured.
 
 Works unchanged against moto_server, MinIO or AWS S3: only the endpoint URL differs.
 """
 
 from __future__ import annotations
 
-from ops.procs import wait_for
+import logging
+import os
 
-# moto accepts any credentials; these are only used against a moto_server the stack started.
-MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+from ops.moto import MOTO_CREDENTIALS, moto_cmd, moto_ready
+from ops.procs import free_port, port_open, wait_for
+from ops.stackctl.config import StackSettings, secret_value
+from ops.stackctl.state import StackPaths, load_state, read_pid, save_state, start_component
+
+log = logging.getLogger("stack")
+
+
 # Errors that no retry fixes: report them at once instead of waiting out the bound.
 FATAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                "InvalidBucketName", "AllAccessDisabled"}
@@ -85,3 +93,53 @@ def bucket_ok(endpoint: str | None, bucket: str, env: dict[str, str]) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not healthy"
         return False
+
+
+def start_or_reuse_moto(paths: StackPaths, cfg: StackSettings, started: list[str]) -> str:
+    """Endpoint of the stack's moto_server, started on 127.0.0.1 unless already running."""
+    previous = load_state(paths).get("s3", {})
+    if read_pid(paths, "moto") is not None and previous.get("moto"):
+        log.info("moto: reusing %s", previous["endpoint"])
+        return previous["endpoint"]
+    port = cfg.stack_moto_port or free_port()
+    if port_open("127.0.0.1", port):
+        raise S3Error(f"s3: moto_server port {port} on 127.0.0.1 is already in use "
+                      "(STACK_MOTO_PORT)")
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        cmd = moto_cmd(port)
+    except FileNotFoundError as e:
+        raise S3Error(f"s3: {e} and MLFLOW_S3_ENDPOINT_URL is unset") from None
+    started.append("moto")  # before it runs: a failure from here on stops it
+    start_component(paths, "moto", cmd, dict(os.environ), moto_ready(endpoint),
+                    timeout=max(cfg.stack_wait_seconds, 30))
+    return endpoint
+
+
+def s3_env(cfg: StackSettings, endpoint: str | None, moto: bool) -> dict[str, str]:
+    """The S3 part of the tracking server's environment (and only of its environment)."""
+    env = {"AWS_ACCESS_KEY_ID": cfg.aws_access_key_id,
+           "AWS_SECRET_ACCESS_KEY": secret_value(cfg.aws_secret_access_key),
+           "AWS_SESSION_TOKEN": secret_value(cfg.aws_session_token),
+           "AWS_DEFAULT_REGION": cfg.aws_default_region,
+           "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    if moto:
+        env.update(MOTO_CREDENTIALS)
+    return {k: v for k, v in env.items() if v}
+
+
+def prepare_s3(paths: StackPaths, cfg: StackSettings, started: list[str]) -> dict[str, str]:
+    """Reach the S3 endpoint (a local moto_server unless configured) and create the bucket;
+    returns the server's S3 environment."""
+    endpoint = cfg.mlflow_s3_endpoint_url or None
+    moto = endpoint is None
+    if moto:
+        endpoint = start_or_reuse_moto(paths, cfg, started)
+    env = s3_env(cfg, endpoint, moto)
+    created = ensure_bucket(endpoint, cfg.stack_s3_bucket, {**os.environ, **env},
+                            timeout=cfg.stack_wait_seconds)
+    log.info("s3 ready: %s bucket %s%s", endpoint, cfg.stack_s3_bucket,
+             " (created)" if created else "")
+    save_state(paths, s3={"endpoint": endpoint, "bucket": cfg.stack_s3_bucket,
+                          "prefix": cfg.stack_s3_prefix, "moto": moto})
+    return env

@@ -4,12 +4,17 @@ put on a command line or in a message."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 from urllib.parse import quote
 
 from ops.procs import port_open, wait_for
+from ops.stackctl.config import StackSettings, is_placeholder, kept_secret, secret_value
+from ops.stackctl.state import StackPaths, save_state
+
+log = logging.getLogger("stack")
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -136,3 +141,27 @@ def check_login(user: str, password: str, host: str, port: int, db: str,
                             f"{timeout:.0f} s: {str(e).split('(', 1)[-1].rstrip(')')}") from None
     if isinstance(result, PostgresError):
         raise result
+
+
+def prepare_postgres(paths: StackPaths, cfg: StackSettings) -> str:
+    """Start/reuse PostgreSQL, create role and database if needed, check the login;
+    returns the backend store URI (with its password: pass it through the environment)."""
+    host, port, user, db = cfg.postgres_host, cfg.postgres_port, cfg.postgres_user, cfg.postgres_db
+    password = secret_value(cfg.postgres_password)
+    if password is not None and is_placeholder(password):
+        raise PostgresError("postgresql: POSTGRES_PASSWORD is a placeholder; set a real one "
+                            "(or leave it unset for a generated one with a local server)")
+    if is_local(host):
+        ensure_postgres_running(host, port, timeout=cfg.stack_wait_seconds)
+        if password is None:
+            password = kept_secret(paths.home, f"postgres_password_{user}")
+        if ensure_role_and_database(user, password, db, port=port):
+            log.info("postgresql: created role %s", user)
+    elif password is None:
+        raise PostgresError(f"postgresql: POSTGRES_PASSWORD is required for the remote "
+                            f"server {host}:{port}")
+    check_login(user, password, host, port, db, timeout=cfg.stack_wait_seconds)
+    uri = store_uri(user, password, host, port, db)
+    log.info("postgresql ready: %s", masked(uri))
+    save_state(paths, postgresql={"host": host, "port": port, "user": user, "db": db})
+    return uri

@@ -1,5 +1,7 @@
 """``--engine spark``: the same month scored on Spark with ``mlflow.pyfunc.spark_udf``.
 
+Built on :mod:`serve.batch.core` and :mod:`serve.batch.output` (they never import it).
+
 Same input rows, same validation (:func:`serve.features.check_rides` in a pandas
 UDF), same ride ids (Spark's ``_metadata.row_index``: the row's position in the
 parquet file), same columns and partition path as the local engine. Spark
@@ -22,7 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from serve.batch.core import PICKUP, Totals
+from serve.batch.months import ride_id_prefix
+from serve.batch.output import publish_file
 from serve.errors import InvalidInput
+from serve.features import MAX_MINUTES, MIN_MINUTES, RIDE_COLUMNS, check_rides
+from serve.tlc import trip_columns
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +99,6 @@ def _score(spark, loaded, input_uri: str, month: str, pred_uri: str, rej_uri: st
     import pandas as pd
     from pyspark.sql import functions as F
 
-    from serve.batch import PICKUP, Totals, publish_file, ride_id_prefix
-    from serve.features import MAX_MINUTES, MIN_MINUTES, RIDE_COLUMNS, check_rides
-    from serve.tlc import trip_columns
 
     path = spark_input(input_uri)
     raw = spark.read.parquet(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
-# Re-exported: the secrets checks live in ops.basic_auth (stdlib only, used by the image).
+# Re-exported: the secrets checks live in ops.basic_auth, which the tracking image runs too.
 from ops.basic_auth import PLACEHOLDERS, example_values, is_placeholder, write_private  # noqa: F401
 from serve.config import Settings
 
@@ -61,3 +61,8 @@ def kept_secret(home: Path, name: str) -> str:
         data[name] = secrets.token_urlsafe(24)
         write_private(path, json.dumps(data, indent=1))
     return data[name]
+
+
+def secret_value(value: SecretStr | None) -> str | None:
+    """The plain text of an optional secret setting (None when unset or empty)."""
+    return (value.get_secret_value() or None) if value is not None else None

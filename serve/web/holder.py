@@ -1,0 +1,102 @@
+"""The active model and its hot swap: a background thread polls the registry and swaps a new
+production version in once it is loaded; a request reads the active model once, so requests
+in flight finish on the version they started with."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from serve.errors import ModelNotReady
+from serve.registry import LoadedModel, load_ref, resolve_model
+from serve.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Active:
+    """What a request needs from the loaded model, fetched once per swap, not per request."""
+
+    loaded: LoadedModel
+    model: object  # RideDurationModel: predict_rides(Rides) -> minutes
+    input_schema: object  # mlflow Schema, for the MLflow-compatible slow path
+    version: str
+
+
+def activate(loaded: LoadedModel) -> Active:
+    """Unwrap a loaded pyfunc once into what the request path uses."""
+    return Active(loaded, loaded.python_model, loaded.pyfunc.metadata.get_input_schema(),
+                  loaded.version)
+
+
+class ModelHolder:
+    """Holds the active model; a background thread polls the registry and swaps new versions in.
+
+    The swap is one attribute assignment: a request that already read ``active``
+    finishes on that model. A failing registry leaves the active model serving.
+    """
+
+    def __init__(self, uri: str, poll_interval: float, metrics: Metrics):
+        self.uri = uri
+        self.poll_interval = poll_interval
+        self.metrics = metrics
+        self.active: Active | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-poller", daemon=True)
+
+    def require(self) -> Active:
+        """The active model, or ModelNotReady (503) before the first load."""
+        active = self.active
+        if active is None:
+            raise ModelNotReady(f"model {self.uri!r} is not loaded yet"
+                                + (f" (last error: {self.last_error})" if self.last_error else ""))
+        return active
+
+    def poll(self) -> bool:
+        """One registry poll: load and swap if the pinned version changed; True if swapped."""
+        try:
+            ref = resolve_model(self.uri)
+        except Exception as e:  # noqa: BLE001 - unreachable registry, missing alias, ...
+            self.metrics.poll_failures.inc()
+            self.last_error = f"registry poll failed: {type(e).__name__}: {e}"
+            log.warning("%s; still serving version %s", self.last_error,
+                        self.active.version if self.active else None)
+            return False
+        current = self.active
+        if current is not None and current.loaded.ref.pinned_uri == ref.pinned_uri:
+            return False
+        try:
+            active = activate(load_ref(ref))
+        except Exception as e:  # noqa: BLE001 - a broken version must not stop the old one
+            self.metrics.load_failures.inc()
+            self.last_error = f"loading {ref.pinned_uri} failed: {type(e).__name__}: {e}"
+            log.error("%s; still serving version %s", self.last_error,
+                      current.version if current else None)
+            return False
+        self.active = active  # the swap
+        self.last_error = None
+        self.metrics.reloads.inc()
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(ref.name or "", active.version, ref.run_id or "").set(1)
+        log.info("now serving %s version %s (was %s)", self.uri, active.version,
+                 current.version if current else None)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            # Until the first load succeeds, retry sooner than the regular interval.
+            wait = self.poll_interval if self.active else min(self.poll_interval, 2.0)
+            if self._stop.wait(wait):
+                return
+
+    def start(self) -> None:
+        """Start polling (the first poll loads the model)."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling; a load in progress is abandoned with the daemon thread."""
+        self._stop.set()

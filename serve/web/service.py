@@ -1,0 +1,160 @@
+"""The endpoints as plain functions of (body, content type) -> Response: no ASGI in here."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve.errors import DurationError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from serve.features import RIDE_COLUMNS, Rides, parse_ride, rides_from_rows
+from serve.predlog import LoggedBatch, PredictionLog
+from serve.scoring import (
+    CONTENT_TYPE_JSON,
+    decode_json,
+    encode_predictions,
+    fast_rides,
+    media_type,
+    mlflow_predict,
+    mlflow_rows,
+)
+from serve.web.holder import Active, ModelHolder
+from serve.web.metrics import Metrics
+from serve.web.settings import WebSettings
+
+JSON = b"application/json"
+
+
+@dataclass(frozen=True)
+class Response:
+    """Status, body and content type of one answer."""
+
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+
+
+def error_response(err: DurationError) -> Response:
+    """The JSON ``{"error_code", "message"}`` body of a typed error."""
+    return Response(err.status_code, json.dumps(err.to_dict()).encode())
+
+
+def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
+    """Rides of a ``/predict`` body and whether it was the ``{"rides": [...]}`` form."""
+    if isinstance(payload, dict) and "rides" in payload:
+        records = payload["rides"]
+        if not isinstance(records, list):
+            raise InvalidInput(f"'rides' must be a list of rides, got {type(records).__name__}",
+                               field="rides")
+        if not records:
+            raise InvalidInput("'rides' is empty: send at least one ride", field="rides")
+        if len(records) > max_rows:
+            raise PayloadTooLarge(f"{len(records)} rides in one request; the limit is {max_rows}")
+        rows = []
+        for i, record in enumerate(records):
+            try:
+                rows.append(parse_ride(record))
+            except InvalidInput as e:
+                raise InvalidInput(f"rides[{i}]: {e.message}", field=e.field) from e
+        return rides_from_rows(rows), True
+    return rides_from_rows([parse_ride(payload)]), False
+
+
+def _frame_rides(data) -> Rides | None:
+    """Ride columns of a DataFrame MLflow decoded and the model accepted (for the log)."""
+    try:
+        return Rides(*(np.asarray(data[c]) for c in RIDE_COLUMNS))
+    except Exception:  # noqa: BLE001 - an odd input shape: skip logging it, not the answer
+        return None
+
+
+class Service:
+    """The endpoints as plain functions of (body, content type) -> Response: no ASGI in here."""
+
+    def __init__(self, holder: ModelHolder, metrics: Metrics, settings: WebSettings,
+                 predlog: PredictionLog | None = None):
+        self.holder = holder
+        self.metrics = metrics
+        self.settings = settings
+        self.predlog = predlog
+        self._version_counters: dict[str, object] = {}
+
+    def _record(self, endpoint: str, active: Active, rides: Rides | None,
+                minutes: np.ndarray) -> None:
+        counter = self._version_counters.get(active.version)
+        if counter is None:
+            counter = self._version_counters[active.version] = \
+                self.metrics.predictions.labels(active.version)
+        counter.inc(len(minutes))
+        if self.predlog is not None and rides is not None:
+            self.predlog.put(LoggedBatch(time.time(), endpoint, active.version, rides, minutes))
+
+    def predict(self, body: bytes, content_type: str | None) -> Response:
+        """``POST /predict``: course-compatible rides in, minutes and model version out."""
+        if media_type(content_type) != CONTENT_TYPE_JSON:
+            raise UnsupportedMediaType(f"/predict takes {CONTENT_TYPE_JSON}, got {content_type!r}")
+        payload = decode_json(body)
+        rides, many = parse_predict(payload, self.settings.web_max_rows)
+        active = self.holder.require()
+        minutes = active.model.predict_rides(rides)
+        self._record("/predict", active, rides, minutes)
+        if many:
+            out = {"predictions": [{"duration": m} for m in minutes.tolist()],
+                   "model_version": active.version}
+        else:
+            out = {"duration": float(minutes[0]), "model_version": active.version}
+        return Response(200, json.dumps(out).encode())
+
+    def invocations(self, body: bytes, content_type: str | None) -> Response:
+        """``POST /invocations``: the MLflow scoring protocol, same bytes as MLflow on success."""
+        mime = media_type(content_type)
+        payload = decode_json(body) if mime == CONTENT_TYPE_JSON else body
+        active = self.holder.require()
+        rides = fast_rides(payload) if mime == CONTENT_TYPE_JSON else None
+        if rides is not None:
+            self._check_rows(len(rides))
+            minutes = active.model.predict_rides(rides)
+            self._record("/invocations", active, rides, minutes)
+            return Response(200, encode_predictions(minutes))
+        data = mlflow_rows(payload, mime, active.input_schema)
+        self._check_rows(len(data))
+        minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        self._record("/invocations", active, _frame_rides(data), minutes)
+        return Response(200, out)
+
+    def _check_rows(self, n: int) -> None:
+        if n > self.settings.web_max_rows:
+            raise PayloadTooLarge(f"{n} rows in one request; the limit is "
+                                  f"{self.settings.web_max_rows}")
+
+    def health(self) -> Response:
+        """Alive (the process answers), model or not."""
+        return Response(200, b'{"status": "ok"}')
+
+    def ready(self) -> Response:
+        """200 once a model is loaded (and from then on), 503 before."""
+        active = self.holder.require()
+        return Response(200, json.dumps({"status": "ready", "model_version": active.version})
+                        .encode())
+
+    def version(self) -> Response:
+        """Which model answers: name, version, run id, URIs, when it was loaded."""
+        import mlflow
+
+        active = self.holder.require()
+        ref = active.loaded.ref
+        return Response(200, json.dumps({
+            "model_uri": ref.uri, "pinned_uri": ref.pinned_uri, "name": ref.name,
+            "version": active.version, "run_id": ref.run_id,
+            "loaded_at": active.loaded.loaded_at.isoformat(), "mlflow_version": mlflow.__version__,
+        }).encode())
+
+    def metrics_page(self) -> Response:
+        """Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if self.predlog is not None:
+            self.metrics.log_dropped.set(self.predlog.dropped)
+        return Response(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())

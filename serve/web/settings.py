@@ -1,0 +1,20 @@
+"""Settings of the online service (env vars: the field names in upper case, or ``.env``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from serve.config import Settings
+
+
+class WebSettings(Settings):
+    """Settings of the online service (env vars: the field names in upper case)."""
+
+    web_host: str = Field("127.0.0.1", description="Interface the service binds.")
+    web_port: int = Field(9696, description="Port the service listens on.")
+    web_poll_interval: float = Field(
+        30.0, description="Seconds between registry polls for a new production version.")
+    web_max_body_bytes: int = Field(1 << 20, description="Largest request body accepted (413).")
+    web_max_rows: int = Field(10_000, description="Most rides per request (413).")
+    web_log_predictions: str | None = Field(
+        None, description="Prediction log: .jsonl file, parquet folder or SQLAlchemy URL.")
