@@ -125,20 +125,25 @@ def postgres() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def container_images(request, tmp_path_factory):
-    """The images of tests/test_containers.py, built in the background from the session's
-    start when those tests are selected (so the builds overlap the other tests), then
-    reported (size, build time) and removed with everything the session ran."""
-    if not any(item.nodeid.startswith("tests/test_containers.py") and "images"
-               in item.fixturenames for item in request.session.items):
+    """The images the selected tests of tests/test_containers.py name
+    (``@pytest.mark.image(key)``), built in the background from the session's start so the
+    builds overlap the other tests, then reported (size, build time) and removed with
+    everything the session ran."""
+    items = [i for i in request.session.items if i.nodeid.startswith("tests/test_containers.py")
+             and "images" in i.fixturenames]
+    if not items:
         yield None
         return
     from docker_helpers import Images, start_session_builds
 
     t0 = time.monotonic()
-    tracking = request.getfixturevalue("tracking_server")
-    request.getfixturevalue("registered_model")  # MLflow's image bakes the production model
+    keys = {m.args[0] for i in items for m in i.iter_markers("image")}
+    tracking_uri = None
+    if "model" in keys:  # MLflow's image bakes the production model in
+        tracking_uri = request.getfixturevalue("tracking_server").uri
+        request.getfixturevalue("registered_model")
     images = Images(tmp_path_factory.mktemp("docker"))
-    start_session_builds(images, tracking.uri)
+    start_session_builds(images, keys, tracking_uri)
     yield images
     lines = images.cleanup()
     report = request.config.pluginmanager.get_plugin("terminalreporter")

@@ -237,13 +237,19 @@ class Images:
         return lines
 
 
-def start_session_builds(images: Images, tracking_uri: str) -> None:
-    """The engine, then every image of the container tests, all in the background."""
+def start_session_builds(images: Images, keys: set[str], tracking_uri: str | None) -> None:
+    """The engine, then the images named by ``keys``, all in the background (the longest
+    build first)."""
+    builds = {
+        "model": lambda: build_model_image(images, tracking_uri),
+        "mlflow": lambda: images.build("mlflow", "ops/Dockerfile"),
+        "web": lambda: images.build("web", "serve/Dockerfile"),
+        "lambda": lambda: images.build("lambda", "serve/lambda.Dockerfile"),
+    }
     images.start_engine()
-    images.submit("model", lambda: build_model_image(images, tracking_uri))
-    images.submit("mlflow", lambda: images.build("mlflow", "ops/Dockerfile"))
-    images.submit("web", lambda: images.build("web", "serve/Dockerfile"))
-    images.submit("lambda", lambda: images.build("lambda", "serve/lambda.Dockerfile"))
+    for key, build in builds.items():
+        if key in keys:
+            images.submit(key, build)
 
 
 def mlflow_cli(*args: str, env: dict | None = None, cwd: Path = ROOT,
@@ -264,6 +270,7 @@ def build_model_image(images: Images, tracking_uri: str) -> Image:
     ``--env-manager local``: the model's requirements in ``python:<version>-slim``, as
     generate-dockerfile does by default (build-docker's default, virtualenv, builds on
     ubuntu:24.04 with pyenv cloned from GitHub: bigger, and neither can be fetched here)."""
+    t0 = time.monotonic()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
     env.pop("DOCKER_BUILDKIT", None)  # as a user's shell: the client's default builder
     gen = images.logs / "mlflow-image"
@@ -277,9 +284,10 @@ def build_model_image(images: Images, tracking_uri: str) -> Image:
     images.run_build("model-generated", generated,
                      ["docker", "build", *no_cache(), "-t", generated, "."], env=env, cwd=gen)
     tag = images.tag("duration-model")
-    return images.run_build("model", tag, [str(VENV_BIN / "mlflow"), "models", "build-docker",
-                                           "-m", "models:/duration@production", "-n", tag,
-                                           "--env-manager", "local"], env=env)
+    images.run_build("model", tag, [str(VENV_BIN / "mlflow"), "models", "build-docker",
+                                    "-m", "models:/duration@production", "-n", tag,
+                                    "--env-manager", "local"], env=env)
+    return image_of(tag, time.monotonic() - t0)  # both builds (the second is cached)
 
 
 @dataclass
@@ -328,3 +336,87 @@ def credential_findings(env: list[str], history: str) -> list[str]:
               if re.search(r"\b\w*(PASSWORD|SECRET|ACCESS_KEY|TOKEN)\w*=", line, re.I)
               or URL_WITH_PASSWORD.search(line)]
     return found
+
+
+class RuntimeAPI:
+    """A minimal stand-in of the Lambda Runtime API (version 2018-06-01, as AWS documents
+    it) on 127.0.0.1, for ``awslambdaric`` in an image: one event per
+    ``GET /runtime/invocation/next``, what the function posts back recorded. After the last
+    event, ``next`` waits until ``close()``, as Lambda freezes a function between events."""
+
+    PREFIX = "/2018-06-01/runtime"
+
+    def __init__(self, events: list[dict]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.events = list(events)
+        self.responses: dict[str, object] = {}
+        self.errors: list[dict] = []
+        self.finished = threading.Event()  # every event answered, or an init error
+        self._closing = threading.Event()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self, status: int, body: bytes = b"", headers: dict | None = None):
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path != f"{api.PREFIX}/invocation/next":
+                    return self._answer(404)
+                event = api._next()
+                if event is None:  # frozen until the test ends
+                    api._closing.wait(600)
+                    return self._answer(500, b'{"errorMessage": "runtime shutting down"}')
+                request_id, body = event
+                self._answer(200, body, {
+                    "Lambda-Runtime-Aws-Request-Id": request_id,
+                    "Lambda-Runtime-Deadline-Ms": str(int((time.time() + 300) * 1000)),
+                    "Lambda-Runtime-Invoked-Function-Arn":
+                        "arn:aws:lambda:us-east-1:123456789012:function:duration-stream",
+                    "Lambda-Runtime-Trace-Id": "Root=1-00000000-000000000000000000000000"})
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = self.path[len(api.PREFIX):].strip("/").split("/")
+                if parts[:2] == ["init", "error"]:
+                    api.errors.append({"init": body.decode(errors="replace")})
+                    api.finished.set()
+                elif parts[0] == "invocation" and parts[2:] == ["response"]:
+                    api.responses[parts[1]] = json.loads(body)
+                elif parts[0] == "invocation" and parts[2:] == ["error"]:
+                    api.errors.append({parts[1]: body.decode(errors="replace")})
+                else:
+                    return self._answer(404)
+                if len(api.responses) + len(api.errors) >= api.total:
+                    api.finished.set()
+                self._answer(202, b"{}")
+
+        self.total = len(self.events)
+        self._served = 0
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _next(self) -> tuple[str, bytes] | None:
+        with self._lock:
+            if not self.events:
+                return None
+            self._served += 1
+            return f"request-{self._served}", json.dumps(self.events.pop(0)).encode()
+
+    def close(self) -> None:
+        self._closing.set()
+        self.server.shutdown()
+        self.server.server_close()

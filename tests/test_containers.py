@@ -9,8 +9,9 @@ of issue 12).
   no AWS variables runs ``mlflow run``, the model loads back; ``--artifacts-only``; ``--auth``;
 * MLflow's own image (``mlflow models generate-dockerfile`` / ``build-docker``): the five
   request forms of the scoring protocol equal the local model to 1e-9;
-* Lambda (``serve/lambda.Dockerfile``): a literal Kinesis event through the handler inside the
-  image, the prediction events read back from moto's Kinesis; the baked-model variant;
+* Lambda (``serve/lambda.Dockerfile``): the image's own entry point (awslambdaric) fed a literal
+  Kinesis event by a stand-in Runtime API, the prediction events read back from moto's
+  Kinesis; the baked-model variant;
 * compose (``ops/docker-compose.yml``): validated, and its mlflow service run on host services.
 
 Images build once per session, in parallel (``docker_helpers.Images``); the builds start with
@@ -40,7 +41,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from docker_helpers import ROOT, SESSION, credential_findings, docker, mlflow_cli
+from docker_helpers import ROOT, SESSION, RuntimeAPI, credential_findings, docker, mlflow_cli
 
 from ops.procs import free_port, http_ok, start, stop, wait_for
 
@@ -148,6 +149,7 @@ WEB_REQUESTS = [
 ]
 
 
+@pytest.mark.image("web")
 def test_web_image_answers_like_the_in_process_service(web_container, tracking_server,
                                                        registered_model):
     url = web_container.url
@@ -168,6 +170,7 @@ def test_web_image_answers_like_the_in_process_service(web_container, tracking_s
                                             abs=1e-9)
 
 
+@pytest.mark.image("web")
 def test_web_image_runs_as_non_root_without_credentials(images, web_container):
     image = images.get("web")
     config = image.config()
@@ -188,6 +191,7 @@ def test_web_image_runs_as_non_root_without_credentials(images, web_container):
     assert extra.strip() == "[] False"
 
 
+@pytest.mark.image("web")
 def test_web_image_healthcheck_reaches_healthy(images, web_container):
     health = images.get("web").config()["Healthcheck"]
     assert "/health" in " ".join(health["Test"])
@@ -233,6 +237,7 @@ def one_request(port: int, body: bytes) -> Outcome:
         conn.close()
 
 
+@pytest.mark.image("web")
 def test_web_image_stops_cleanly_under_load(web_container):
     """``docker stop`` while ~50 req/s run, each on a new connection, plus one request whose
     body is still arriving when SIGTERM lands.
@@ -366,6 +371,7 @@ def start_tracking(images, *args: str, env: dict[str, str], name: str = "duratio
     return c, uri
 
 
+@pytest.mark.image("mlflow")
 def test_tracking_image_postgres_s3_credential_less_client(images, postgres, moto,
                                                            tracking_bucket, months, tmp_path):
     port = free_port()
@@ -416,6 +422,7 @@ def test_tracking_image_postgres_s3_credential_less_client(images, postgres, mot
         c.remove()
 
 
+@pytest.mark.image("mlflow")
 def test_tracking_image_artifacts_only(images, moto, tracking_bucket):
     port = free_port()
     c, uri = start_tracking(images, "--artifacts-only",
@@ -435,6 +442,7 @@ def test_tracking_image_artifacts_only(images, moto, tracking_bucket):
         c.remove()
 
 
+@pytest.mark.image("mlflow")
 def test_tracking_image_auth(images, tmp_path):
     password = "Ct-" + os.urandom(12).hex()
     port = free_port()
@@ -456,6 +464,7 @@ def test_tracking_image_auth(images, tmp_path):
         c.remove()
 
 
+@pytest.mark.image("mlflow")
 @pytest.mark.parametrize(("password", "message"), [
     ("changeme", "placeholder"),      # .env.example's value
     ("password", "placeholder"),
@@ -475,6 +484,7 @@ def test_tracking_image_auth_refuses_placeholders(images, password, message):
     assert "Uvicorn running" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.image("mlflow")
 def test_tracking_image_has_no_credentials(images):
     image = images.get("mlflow")
     assert credential_findings(image.config()["Env"], image.history()) == []
@@ -518,6 +528,7 @@ def scoring_forms(df: pd.DataFrame) -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.image("model")
 def test_mlflow_build_docker_image_five_request_forms(images, months):
     image = images.get("model")
     gen = images.logs / "mlflow-image"
@@ -585,10 +596,6 @@ KINESIS_EVENT = {"Records": [
 ]}
 EVENT_RIDES = {256: {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66},
                257: {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}}
-INVOKE = ("import json, sys; from serve.lambda_function import lambda_handler;"
-          "print('RESULT ' + json.dumps(lambda_handler(json.load(sys.stdin))))")
-
-
 def read_stream(kinesis, stream: str) -> list[dict]:
     """Every record's data on every shard of ``stream`` (JSON decoded)."""
     out = []
@@ -601,20 +608,20 @@ def read_stream(kinesis, stream: str) -> list[dict]:
 
 
 def invoke_lambda_image(images, tag: str, env: dict[str, str]) -> dict:
-    """Run the handler inside the image as Lambda would: a non-root user, read-only root file
-    system, writable /tmp only; the event on stdin, the handler's return value parsed back."""
-    name = f"duration-lambda-{SESSION}-{os.urandom(2).hex()}"
-    images.containers.append(name)
-    flags = []
-    for key in env:
-        flags += ["-e", key]
-    proc = docker("run", "--rm", "-i", f"--name={name}", "--network=host", "--read-only",
-                  "--tmpfs", "/tmp", "--user", "993:990", *flags, "--entrypoint", "python",
-                  tag, "-c", INVOKE, env=dict(os.environ, **env), timeout=300, check=False,
-                  input_text=json.dumps(KINESIS_EVENT))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    """Run the image as Lambda does: its own entry point (awslambdaric) polling a Runtime
+    API, here ``RuntimeAPI`` serving the literal event; another uid, read-only root file
+    system, writable /tmp only. Returns what the handler answered."""
+    api = RuntimeAPI([KINESIS_EVENT])
+    c = images.run(tag, env={**env, "AWS_LAMBDA_RUNTIME_API": api.address},
+                   options=("--read-only", "--tmpfs", "/tmp", "--user", "993:990"),
+                   name="duration-lambda")
+    try:
+        finished = api.finished.wait(240)
+        assert finished and not api.errors, (api.errors, c.logs())
+        return api.responses["request-1"]
+    finally:
+        api.close()
+        c.remove()
 
 
 def check_predictions(kinesis, stream: str, version: str) -> None:
@@ -643,6 +650,7 @@ def lambda_env(moto, stream: str) -> dict[str, str]:
             "KINESIS_ENDPOINT_URL": moto.endpoint}
 
 
+@pytest.mark.image("lambda")
 def test_lambda_image_kinesis_event_to_prediction_events(images, moto, tracking_server,
                                                          registered_model):
     image = images.get("lambda")
@@ -658,6 +666,7 @@ def test_lambda_image_kinesis_event_to_prediction_events(images, moto, tracking_
     check_predictions(kinesis, stream, registered_model["version"])
 
 
+@pytest.mark.image("lambda")
 def test_lambda_image_with_a_baked_model(images, moto, tracking_server, registered_model):
     """``--target baked``: the model inside the image; no tracking server at cold start."""
     images.get("lambda")  # the function stage is cached: only the model layer is new
@@ -721,6 +730,7 @@ def test_compose_file_validates_and_refuses_missing_secrets(images):
     assert "set POSTGRES_PASSWORD" in proc.stderr or "set MINIO_ROOT_PASSWORD" in proc.stderr
 
 
+@pytest.mark.image("mlflow")
 def test_compose_mlflow_service_on_host_services(images, postgres, moto, tracking_bucket,
                                                  tmp_path):
     """The compose file's mlflow service (its image, command, healthcheck), with PostgreSQL
