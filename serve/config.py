@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -10,6 +13,7 @@ DEFAULT_MODEL_URI = "models:/duration@production"
 REGISTERED_MODEL_NAME = "duration"
 PRODUCTION_ALIAS = "production"
 PRODUCTION_STAGE = "Production"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Settings(BaseSettings):
@@ -43,3 +47,9 @@ def use_tracking_server(settings: Settings | None = None) -> str:
     uri = (settings or get_settings()).mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to subprocesses
     return uri
+
+
+def stack_home() -> Path:
+    """Where local state lives: ``$STACK_HOME`` (environment only), else ``.stack`` at the
+    project root, so every command finds the same state whatever folder it runs from."""
+    return Path(os.environ.get("STACK_HOME") or PROJECT_ROOT / ".stack").resolve()

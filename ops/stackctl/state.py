@@ -14,6 +14,7 @@ import click
 
 from ops.procs import spawn, stop
 from serve.atomic import write_atomic
+from serve.config import stack_home
 
 log = logging.getLogger("stack")
 
@@ -40,8 +41,8 @@ class StackPaths:
 
 
 def stack_paths() -> StackPaths:
-    """Paths under ``$STACK_HOME`` (default ``.stack`` in the current folder)."""
-    return StackPaths(Path(os.getenv("STACK_HOME", ".stack")).resolve())
+    """Paths under ``$STACK_HOME`` (default ``.stack`` at the project root)."""
+    return StackPaths(stack_home())
 
 
 def _start_time(pid: int) -> str | None:
