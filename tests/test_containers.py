@@ -230,9 +230,12 @@ def one_request(port: int, body: bytes) -> Outcome:
     try:
         conn.request("POST", "/predict", body, {"Content-Type": JSON_CT, "Connection": "close"})
         response = conn.getresponse()
+    except (OSError, http.client.HTTPException) as e:  # not a byte of answer
+        return Outcome(t, True, error=f"{type(e).__name__}: {e}")
+    try:
         return Outcome(t, True, response.status, response.read())
     except (OSError, http.client.HTTPException) as e:
-        return Outcome(t, True, error=f"{type(e).__name__}: {e}")
+        return Outcome(t, True, response.status, error=f"partial answer: {e!r}")
     finally:
         conn.close()
 
@@ -242,31 +245,35 @@ def test_web_image_stops_cleanly_under_load(web_container):
     """``docker stop`` while ~50 req/s run, each on a new connection, plus one request whose
     body is still arriving when SIGTERM lands.
 
-    "No failed request" means: every request whose connection was accepted (connect
-    succeeded and the request was sent) gets a complete 200 with the right body, whether it
-    started before or after ``docker stop`` was issued. A connection refused once the service
-    has stopped listening is not a failed request (nothing was accepted; a load balancer
-    sends it to another replica), and it can only happen after ``docker stop`` was issued.
-    Anything else (reset, closed without an answer, a timeout, a non-200) is a failure.
+    "No failed request", precisely: a request is accepted once the service has read it, and
+    every accepted request is answered, in full: the service logs how many requests it was
+    handed and answered when it stops, and the two must be equal; no request gets a non-200,
+    a partial answer or a timeout. Every connection opened before ``docker stop`` was
+    issued gets a 200 with the right body. A connection opened after it may instead be
+    refused (the service no longer listens) or reset before any byte of answer (it completed
+    its handshake as the listening socket closed, so the kernel resets it): the service never
+    read it, and a load balancer retries it elsewhere. Those are counted, not failed.
     """
     c, port = web_container.container, web_container.port
     body = json.dumps(RIDE).encode()
     expected = requests.post(web_container.url + "/predict", data=body,
                              headers={"Content-Type": JSON_CT}, timeout=30).content
     outcomes: list[Outcome] = []
+    offered: dict = {}
     stop_load = threading.Event()
 
     def load():  # paced at 50 req/s, whatever the answers take
-        with ThreadPoolExecutor(32) as pool:
+        with ThreadPoolExecutor(64) as pool:
             futures, t_next = [], time.monotonic()
+            offered["start"] = t_next
             while not stop_load.is_set():
                 futures.append(pool.submit(one_request, port, body))
                 t_next += 0.02
                 time.sleep(max(0.0, t_next - time.monotonic()))
+            offered["end"] = time.monotonic()
             outcomes.extend(f.result() for f in futures)
 
     loader = threading.Thread(target=load)
-    t_load = time.monotonic()
     loader.start()
     try:
         time.sleep(3)  # load before the stop (a duration of load, not a readiness wait)
@@ -296,30 +303,34 @@ def test_web_image_stops_cleanly_under_load(web_container):
         time.sleep(1)  # load keeps coming after the exit (refused connections)
     finally:
         stop_load.set()
-        loader.join(timeout=60)
-    t_end = time.monotonic()
+        loader.join(timeout=120)
 
     state = c.state()
-    assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, c.logs())
+    logs = c.logs()
+    assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, logs)
     assert stopped["seconds"] < 30, f"docker stop needed {stopped['seconds']:.1f} s (SIGKILL)"
     assert slow_answer.startswith(b"HTTP/1.1 200"), slow_answer[:300]
     assert slow_answer.endswith(expected), slow_answer[-300:]
+    counts = re.findall(r"stopped: (\d+) requests received, (\d+) answered", logs)
+    assert len(counts) == 1 and counts[0][0] == counts[0][1], logs
 
+    rate = len(outcomes) / (offered["end"] - offered["start"])
+    assert 45 <= rate <= 55, rate
     before = [o for o in outcomes if o.started < t_stop]
     after = [o for o in outcomes if o.started >= t_stop]
-    rate = len(outcomes) / (t_end - t_load)
-    assert 40 <= rate <= 55, rate
     assert len(before) >= 100
-    failed = [o for o in outcomes
-              if not (o.status == 200 and o.body == expected)
-              and not (o.error == "refused" and o.started >= t_stop)]
-    refused = [o for o in after if o.error == "refused"]
-    served_after = [o for o in after if o.status == 200]
+    not_read = [o for o in after if o.error == "refused" or (
+        o.status is None and (o.error or "").startswith("ConnectionResetError"))]
+    failed = [(round(o.started - t_stop, 3), o) for o in outcomes
+              if not (o.status == 200 and o.body == expected) and o not in not_read]
     assert failed == [], failed[:5]
-    assert refused, "the load never saw the service stop listening"
+    assert any(o.error == "refused" for o in after), "the load never saw the service stop"
+    served_after = [o for o in after if o.status == 200]
+    resets = [round(o.started - t_stop, 3) for o in not_read if o.error != "refused"]
     print(f"load {rate:.0f} req/s: {len(before)} requests before docker stop, all 200; "
-          f"after: {len(served_after)} answered 200, {len(refused)} refused, 0 failed; "
-          f"stop took {stopped['seconds']:.1f} s, exit code 0")
+          f"after: {len(served_after)} answered 200, {len(not_read) - len(resets)} refused, "
+          f"{len(resets)} reset unread {resets}; service: {counts[0][0]} received, "
+          f"{counts[0][1]} answered; stop {stopped['seconds']:.1f} s, exit code 0")
 
 
 def test_web_process_exits_0_on_sigterm_outside_a_container(tracking_server, registered_model,
@@ -596,6 +607,8 @@ KINESIS_EVENT = {"Records": [
 ]}
 EVENT_RIDES = {256: {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66},
                257: {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}}
+
+
 def read_stream(kinesis, stream: str) -> list[dict]:
     """Every record's data on every shard of ``stream`` (JSON decoded)."""
     out = []
