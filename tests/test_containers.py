@@ -14,8 +14,9 @@ of issue 12).
   Kinesis; the baked-model variant;
 * compose (``ops/docker-compose.yml``): validated, and its mlflow service run on host services.
 
-Images build once per session, in parallel (``docker_helpers.Images``); the builds start with
-the session (``conftest.container_images``) and overlap the other test modules.
+Images build once per session, in parallel (``docker_helpers.Images``, started by
+``conftest.container_images``): with the session in one process, with this file under
+xdist; either way they overlap the other test files.
 """
 
 from __future__ import annotations
@@ -55,10 +56,9 @@ RIDES = [RIDE, {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 3},
 JSON_CT = "application/json"
 
 
-# -- the session's images (built from the session's start: conftest.container_images) -----
+# -- the session's images (conftest.container_images) --------------------------------------
 @pytest.fixture(scope="module")
 def images(container_images):
-    assert container_images is not None, "conftest.container_images did not see this module"
     reason = container_images.engine_ready()
     if reason:
         pytest.skip(reason)
