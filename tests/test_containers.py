@@ -46,7 +46,9 @@ from docker_helpers import ROOT, SESSION, RuntimeAPI, credential_findings, docke
 
 from ops.procs import free_port, http_ok, start, stop, wait_for
 
-pytestmark = pytest.mark.docker
+# The first test of an image waits for its build, which has its own bound (Images.get):
+# on a loaded 2-core machine a cold build alone can pass the suite's 600 s per test.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
 RIDE = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 RIDE_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance"]
