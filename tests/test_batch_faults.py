@@ -23,11 +23,12 @@ from click.testing import CliRunner
 
 from ops.synth import synth_month
 from serve.batch.cli import main
-from serve.batch.coerce import DROPOFF, PICKUP, coerce_table
-from serve.batch.core import REJECTS_SCHEMA, Totals, check_table, refusal
-from serve.batch.output import MonthLocked, month_lock
 from serve.batch.run import backfill, score_month
 from serve.errors import InvalidInput
+
+# What did not exist before these fixes is imported by the tests that use it, so that the
+# others run (and fail) against the code before them too.
+PICKUP, DROPOFF = "pickup_datetime", "dropoff_datetime"
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 2_000
@@ -35,6 +36,9 @@ ROWS = 2_000
 
 # -- pure: coercion, reasons, refusals -----------------------------------------------------
 def test_coercion_reads_every_plausible_column_type():
+    from serve.batch.coerce import coerce_table
+    from serve.batch.core import check_table
+
     ts = pd.to_datetime(["2021-03-01 10:00", "2021-03-01 11:00", "2021-03-01 12:00"])
     table = pa.table({
         PICKUP: pa.array(ts.tz_localize("America/New_York"),
@@ -74,7 +78,8 @@ def test_coercion_reads_every_plausible_column_type():
 
 
 def test_reject_reasons_show_the_value_the_rejects_file_shows(ride_model):
-    from serve.batch.core import score_chunk
+    from serve.batch.coerce import coerce_table
+    from serve.batch.core import REJECTS_SCHEMA, score_chunk
 
     chunk = coerce_table(pa.table({
         PICKUP: pa.array(["2021-03-01 10:00", "not a time", "2021-03-01 10:00",
@@ -99,12 +104,16 @@ def test_reject_reasons_show_the_value_the_rejects_file_shows(ride_model):
     assert scored.predictions.column("ride_id").to_pylist() == ["2021/03_0"]
 
 
-def _totals(**kw) -> Totals:
+def _totals(**kw):
+    from serve.batch.core import Totals
+
     base = dict(rows=100, scored=100, rejected=0, dated=100, in_month=100)
     return Totals(**{**base, **kw})
 
 
 def test_refusal_guards_a_month_output():
+    from serve.batch.core import refusal
+
     assert refusal(_totals(), "2021-03", 0.5) is None
     assert "no rows" in refusal(_totals(rows=0, scored=0, dated=0, in_month=0), "2021-03", 0.5)
     why = refusal(_totals(scored=0, rejected=100, first_reject="PULocationID ..., got 'x'"),
@@ -220,6 +229,7 @@ def test_other_column_types_score_and_bad_runs_never_replace_a_month(
 
     typed = score_month(model_uri, _write(_other_types(march), tmp_path / "b"), place.root,
                         "green", "2021-03", loaded=loaded, evaluate=False)
+    assert typed.metrics["rows_scored"] == good.metrics["rows_scored"]  # was 0: all rejected
     assert typed.metrics == pytest.approx(good.metrics, rel=1e-12)
     pd.testing.assert_frame_equal(place.read(typed.predictions), reference, check_exact=False,
                                   rtol=0, atol=1e-9)
@@ -389,6 +399,7 @@ def test_a_second_run_of_a_month_is_told_and_deletes_nothing(place, tmp_path, ma
                                                              model_uri, loaded, monkeypatch):
     """Issue 14 item 10: the second run no longer deletes the first's temporary files."""
     from serve.batch.months import predictions_uri
+    from serve.batch.output import MonthLocked, month_lock
 
     src = _write(march, tmp_path / "in")
     pred = predictions_uri(place.root, "green", "2021-03")
@@ -558,3 +569,33 @@ def test_prefect_flow_has_its_options_and_reads_model_uri(tmp_path, monkeypatch)
         assert res.output.strip() == f"Error: {batch_flow.NO_PREFECT}"
     res = CliRunner().invoke(batch_flow.main, [*args[:4], "--taxi-type", "fhv", "--once"])
     assert res.exit_code == 2 and "no trip_distance" in res.output
+
+
+def test_two_runs_of_a_month_at_once_the_second_is_refused(tmp_path, model_uri,
+                                                           tracking_server):
+    """Issue 14 item 10 as it happened: the second run used to delete the first's
+    temporary files as stale, and the first failed after all its work."""
+    from ops.synth import write_month
+
+    rows = 200_000
+    src = write_month("green", "2021-05", rows, tmp_path / "green_tripdata_2021-05.parquet",
+                      seed=5)
+    out = tmp_path / "out"
+    part = out / "taxi_type=green/year=2021/month=05"
+    args = ["--model-uri", model_uri, "--input", str(src), "--output", str(out),
+            "--batch-rows", "1000", "--no-evaluate"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.uri}
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "serve.batch", *args], cwd=ROOT,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (part.is_dir() and list(part.glob(".predictions.parquet.*.tmp"))):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "the first run never started writing"
+            time.sleep(0.005)
+        second = CliRunner().invoke(main, args)  # in-process: at the lock within milliseconds
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-2000:]
+    assert second.exit_code == 1, second.output
+    assert f"another run is writing this month (pid {first.pid} on " in second.output
+    assert sorted(p.name for p in part.iterdir()) == ["predictions.parquet"]
+    assert pq.ParquetFile(part / "predictions.parquet").metadata.num_rows == rows
