@@ -131,16 +131,6 @@ def test_refusal_guards_a_month_output():
 
 # -- against the real stack ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ride_model(months):
-    from sklearn.linear_model import LinearRegression
-
-    from serve.tlc import read_training_frame
-    from train import fit_model
-
-    return fit_model(read_training_frame(str(months.train)), LinearRegression())
-
-
-@pytest.fixture(scope="module")
 def model_uri(registered_model) -> str:
     return f"models:/duration/{registered_model['version']}"
 
@@ -150,6 +140,12 @@ def loaded(model_uri):
     from serve.registry import load_model
 
     return load_model(model_uri)
+
+
+@pytest.fixture(scope="module")
+def ride_model(loaded):
+    """The registered model's RideDurationModel (what score_chunk takes)."""
+    return loaded.python_model
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +485,7 @@ def test_database_password_never_on_a_command_line_or_in_output(tmp_path, postgr
         while time.monotonic() < deadline:
             seen += _cmdlines()  # every process of the machine, while the batch runs
             try:
-                proc.wait(timeout=0.05)
+                proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
                 pass
@@ -599,3 +595,17 @@ def test_two_runs_of_a_month_at_once_the_second_is_refused(tmp_path, model_uri,
     assert f"another run is writing this month (pid {first.pid} on " in second.output
     assert sorted(p.name for p in part.iterdir()) == ["predictions.parquet"]
     assert pq.ParquetFile(part / "predictions.parquet").metadata.num_rows == rows
+
+
+def test_an_output_bucket_that_does_not_exist_is_one_line(tmp_path, march, model_uri, moto,
+                                                          monkeypatch):
+    for k, v in moto.env.items():
+        monkeypatch.setenv(k, v)
+    src = _write(march, tmp_path / "in")
+    res = CliRunner().invoke(main, ["--model-uri", model_uri, "--input", src, "--output",
+                                    "s3://no-such-bucket-here/out", "--no-evaluate"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "Error: green 2021-03: OSError: s3://no-such-bucket-here/out/taxi_type=green/year=2021/"
+        "month=03/.predictions.parquet.lock: cannot create the month's lock: ")
+    assert "NoSuchBucket" in res.stderr

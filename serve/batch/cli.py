@@ -43,8 +43,9 @@ def taxi_type_for(taxi_type: str | None, input_uri: str | None) -> str:
 
 
 def check_input(input_uri: str | None) -> None:
-    """Refuse a password in ``--input``: a command line shows in ``ps`` and shell history."""
-    if input_uri and has_password(input_uri):
+    """Refuse a database password in ``--input``: a command line shows in ``ps`` and shell
+    history. (A pre-signed https link is a credential meant to be passed around: allowed.)"""
+    if input_uri and is_database(input_uri) and has_password(input_uri):
         raise InvalidInput("--input must not carry a password (a command line is visible in "
                            "`ps` and shell history): leave it out of the URL and set "
                            "PGPASSWORD (environment or .env) or use ~/.pgpass",

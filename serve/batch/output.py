@@ -221,15 +221,17 @@ class _S3Lock:
                                   **condition)["ETag"]
 
     def __enter__(self) -> _S3Lock:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.etag = self._put(IfNoneMatch="*")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed",
                                                                   "ConditionalRequestConflict"):
-                raise
+                raise OSError(f"{self.shown}: cannot create the month's lock: {e}") from e
             self.etag = self._take_over_if_stale()
+        except BotoCoreError as e:  # no endpoint, no credentials
+            raise OSError(f"{self.shown}: cannot create the month's lock: {e}") from e
         self.refresher.start()
         return self
 

@@ -35,6 +35,7 @@ from serve.batch.sources import Source, open_source
 from serve.batch.spark import scoped_session, score_with_spark
 from serve.config import Settings
 from serve.errors import DurationError, InvalidInput, ModelNotReady
+from serve.tlc import first_line
 from serve.urls import masked
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,11 @@ def backfill(model_uri: str, input_template: str, output: str, taxi_type: str,
             except DurationError as e:  # the result line and the CLI's last line say it
                 results.append(MonthResult(taxi_type, month, masked(input_uri), pred_uri,
                                            rej_uri, "", error=e.message))
+            except OSError as e:  # storage unreachable or refused: one line (trace at -v)
+                log.debug("%s %s: not scored", taxi_type, month, exc_info=True)
+                results.append(MonthResult(taxi_type, month, masked(input_uri), pred_uri,
+                                           rej_uri, "", error=f"{type(e).__name__}: "
+                                                             f"{first_line(e)}"))
             except Exception as e:  # a bug or an outage: the other months still run
                 log.exception("%s %s: not scored", taxi_type, month)
                 results.append(MonthResult(taxi_type, month, masked(input_uri), pred_uri,
