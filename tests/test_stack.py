@@ -38,12 +38,12 @@ from ops.stackctl.lifecycle import check_exposure, is_loopback
 from ops.stackctl.pg import (
     drop_database_and_role,
     ensure_role_and_database,
-    masked,
     prepare_postgres,
     store_uri,
 )
 from ops.stackctl.server import default_allowed_hosts, server_cmd
 from ops.stackctl.state import StackPaths, read_pid, write_pid
+from serve.urls import masked
 
 _ok = ok
 

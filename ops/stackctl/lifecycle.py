@@ -31,6 +31,7 @@ from ops.stackctl.state import (
     start_component,
     stop_components,
 )
+from serve.urls import masked
 
 log = logging.getLogger("stack")
 
@@ -196,9 +197,10 @@ def health(paths: StackPaths, cfg: StackSettings) -> list[tuple[str, str, bool]]
             url = state.get("s3", {}).get("endpoint")
             client = s3_client(url, recorded_s3_env(paths, cfg, state["s3"])) if url else None
             ok = client is not None and _quiet(client.list_buckets)
-            where = f"{url} data {paths.home / 's3'}"
+            where = f"{masked(url) if url else url} data {paths.home / 's3'}"
         else:
-            url = where = state.get(component, {}).get("uri")
+            url = state.get(component, {}).get("uri")
+            where = masked(url) if url else url
             ok = bool(url) and _quiet(http_ok(f"{url}/health"))
         lines.append((component, f"running, pid {pid}, {where} "
                                  f"{'healthy' if ok else 'NOT answering'}", ok))
