@@ -62,3 +62,13 @@ class MethodNotAllowed(DurationError):
 
     error_code = "METHOD_NOT_ALLOWED"
     status_code = 405
+
+
+class ModelFailed(DurationError):
+    """The model raised on an input that passed validation: a server fault, not the client's.
+
+    The message stays generic (the traceback goes to the service log, never to the client).
+    """
+
+    error_code = "MODEL_ERROR"
+    status_code = 500

@@ -20,8 +20,8 @@ from serve.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
 
-# Bodies above this are decoded and scored in a thread so /health and small requests
-# keep flowing while a big batch is parsed.
+# Bodies above this, and every body that is not JSON (CSV, parquet: pandas and pyarrow parse
+# them), are decoded and scored in a thread so /health and small requests keep flowing.
 OFFLOAD_BYTES = 256 * 1024
 
 
@@ -75,7 +75,7 @@ class WebApp:
                 response = handler()
             else:
                 content_type, body = await self._read(scope, receive)
-                if len(body) > OFFLOAD_BYTES:
+                if len(body) > OFFLOAD_BYTES or not _json(content_type):
                     response = await asyncio.to_thread(handler, body, content_type)
                 else:
                     response = handler(body, content_type)
@@ -112,6 +112,11 @@ class WebApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return content_type, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _json(content_type: str | None) -> bool:
+    """Whether a body is (most likely) JSON, the one kind parsed on the event loop when small."""
+    return content_type is not None and content_type.startswith("application/json")
 
 
 def create_app(settings: WebSettings) -> WebApp:

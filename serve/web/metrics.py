@@ -29,6 +29,9 @@ class Metrics:
                                      registry=self.registry)
         self.load_failures = Counter("duration_model_load_failures",
                                      "New versions that failed to load.", registry=self.registry)
+        self.model_errors = Counter(
+            "duration_model_errors", "Requests the model failed on (500 MODEL_ERROR), by version.",
+            ["model_version"], registry=self.registry)
         self.log_dropped = Gauge("duration_prediction_log_dropped_batches",
                                  "Prediction-log batches dropped because the writer fell behind.",
                                  registry=self.registry)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from serve.errors import DurationError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from serve.errors import (
+    DurationError,
+    InvalidInput,
+    ModelFailed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from serve.features import RIDE_COLUMNS, Rides, parse_ride, rides_from_rows
 from serve.predlog import LoggedBatch, PredictionLog
 from serve.scoring import (
     CONTENT_TYPE_JSON,
+    MODEL_FAILED,
     decode_json,
     encode_predictions,
     fast_rides,
@@ -23,6 +31,8 @@ from serve.scoring import (
 from serve.web.holder import Active, ModelHolder
 from serve.web.metrics import Metrics
 from serve.web.settings import WebSettings
+
+log = logging.getLogger(__name__)
 
 JSON = b"application/json"
 
@@ -98,7 +108,7 @@ class Service:
         payload = decode_json(body)
         rides, many = parse_predict(payload, self.settings.web_max_rows)
         active = self.holder.require()
-        minutes = active.model.predict_rides(rides)
+        minutes = self._predict_rides(active, rides)
         self._record("/predict", active, rides, minutes)
         if many:
             out = {"predictions": [{"duration": m} for m in minutes.tolist()],
@@ -115,14 +125,33 @@ class Service:
         rides = fast_rides(payload) if mime == CONTENT_TYPE_JSON else None
         if rides is not None:
             self._check_rows(len(rides))
-            minutes = active.model.predict_rides(rides)
+            minutes = self._predict_rides(active, rides)
             self._record("/invocations", active, rides, minutes)
             return Response(200, encode_predictions(minutes))
-        data = mlflow_rows(payload, mime, active.input_schema)
+        data = mlflow_rows(payload, mime, active.input_schema, self.settings.web_max_rows)
         self._check_rows(len(data))
-        minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        try:
+            minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        except ModelFailed as e:
+            raise self._model_failed(active, e.__cause__ or e) from e.__cause__
         self._record("/invocations", active, _frame_rides(data), minutes)
         return Response(200, out)
+
+    def _predict_rides(self, active: Active, rides: Rides) -> np.ndarray:
+        try:
+            return active.model.predict_rides(rides)
+        except DurationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - validated rides: the model is at fault
+            raise self._model_failed(active, e) from e
+
+    def _model_failed(self, active: Active, cause: BaseException) -> ModelFailed:
+        """Count and log (with its traceback) a failure of the model; the client gets a
+        generic 500."""
+        self.metrics.model_errors.labels(active.version).inc()
+        log.error("model version %s failed on a request: %s: %s", active.version,
+                  type(cause).__name__, cause, exc_info=cause)
+        return ModelFailed(MODEL_FAILED)
 
     def _check_rows(self, n: int) -> None:
         if n > self.settings.web_max_rows:
