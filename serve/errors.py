@@ -64,6 +64,13 @@ class MethodNotAllowed(DurationError):
     status_code = 405
 
 
+class RequestTimeout(InvalidInput):
+    """The client did not send its whole request within the read timeout."""
+
+    error_code = "REQUEST_TIMEOUT"
+    status_code = 408
+
+
 class ModelFailed(DurationError):
     """The model raised on an input that passed validation: a server fault, not the client's.
 

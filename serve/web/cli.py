@@ -10,6 +10,7 @@ import click
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
 from serve.web.app import create_app
+from serve.web.protocol import DurationHttpProtocol
 from serve.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ def _bounded_registry_calls() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # Progress bars of artifact downloads are noise in a service log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 
 
 @click.command()
@@ -36,13 +36,16 @@ def _bounded_registry_calls() -> None:
               help="Largest request body accepted [env WEB_MAX_BODY_BYTES, default 1 MiB].")
 @click.option("--max-rows", type=int, default=None,
               help="Most rides per request [env WEB_MAX_ROWS, default 10000].")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a client has to send a whole request from its first byte; 408 "
+                   "past it [env WEB_REQUEST_TIMEOUT, default 30].")
 @click.option("--log-predictions", default=None,
               help="Log every prediction to a .jsonl file, a parquet folder or a "
                    "postgresql+psycopg2:// URL [env WEB_LOG_PREDICTIONS, default off].")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
-def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_predictions,
-         log_level) -> None:
+def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request_timeout,
+         log_predictions, log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
     import uvicorn
@@ -51,7 +54,8 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
     overrides = {k: v for k, v in {
         "model_uri": model_uri, "web_host": host, "web_port": port,
         "web_poll_interval": poll_interval, "web_max_body_bytes": max_body_bytes,
-        "web_max_rows": max_rows, "web_log_predictions": log_predictions}.items()
+        "web_max_rows": max_rows, "web_request_timeout": request_timeout,
+        "web_log_predictions": log_predictions}.items()
         if v is not None}
     settings = WebSettings(**overrides)
     tracking_uri = use_tracking_server(settings)
@@ -64,6 +68,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
              settings.web_host, settings.web_port, tracking_uri,
              settings.web_poll_interval)
     uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                loop="uvloop", http=DurationHttpProtocol, lifespan="on", access_log=False,
                 log_level=log_level, timeout_graceful_shutdown=10)
 

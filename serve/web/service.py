@@ -44,11 +44,16 @@ class Response:
     status: int
     body: bytes
     content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers
 
 
-def error_response(err: DurationError) -> Response:
-    """The JSON ``{"error_code", "message"}`` body of a typed error."""
-    return Response(err.status_code, json.dumps(err.to_dict()).encode())
+def error_response(err: DurationError, close: bool = False) -> Response:
+    """The JSON ``{"error_code", "message"}`` body of a typed error, with ``Connection: close``
+    when the rest of the request will not be read (``close``)."""
+    headers = ()
+    if close:
+        headers += ((b"connection", b"close"),)
+    return Response(err.status_code, json.dumps(err.to_dict()).encode(), headers=headers)
 
 
 def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
@@ -186,4 +191,5 @@ class Service:
 
         if self.predlog is not None:
             self.metrics.log_dropped.set(self.predlog.dropped)
+            self.metrics.log_failed.set(self.predlog.failed)
         return Response(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())

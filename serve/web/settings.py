@@ -16,5 +16,7 @@ class WebSettings(Settings):
         30.0, description="Seconds between registry polls for a new production version.")
     web_max_body_bytes: int = Field(1 << 20, description="Largest request body accepted (413).")
     web_max_rows: int = Field(10_000, description="Most rides per request (413).")
+    web_request_timeout: float = Field(
+        30.0, description="Seconds a client has to send a whole request from its first byte (408).")
     web_log_predictions: str | None = Field(
         None, description="Prediction log: .jsonl file, parquet folder or SQLAlchemy URL.")
