@@ -71,6 +71,21 @@ class RequestTimeout(InvalidInput):
     status_code = 408
 
 
+class Overloaded(DurationError):
+    """Too much work queued: the request was shed before any work was done on it; retry later.
+
+    Whoever raises it (the web's queue bounds, a batching queue) only says so; the adapter
+    renders the 503 and the ``Retry-After`` header from ``retry_after``.
+    """
+
+    error_code = "OVERLOADED"
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelFailed(DurationError):
     """The model raised on an input that passed validation: a server fault, not the client's.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import click
 
@@ -24,6 +25,22 @@ def _bounded_registry_calls() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def _exit_zero_after_drain() -> None:
+    """Make SIGTERM end in exit status 0, promptly, once uvicorn has drained.
+
+    uvicorn catches SIGTERM, drains, then restores the handler it found and raises the signal
+    again: with the default handler the process dies of it (status 143 / -15), which
+    ``docker stop`` and supervisors report as a failure. The handler it finds is this one:
+    everything is flushed and closed by then (lifespan shutdown), and the interpreter's own
+    teardown (3.5 s measured here, freeing what MLflow and pandas imported) is skipped.
+    """
+    def exit_zero(signum, frame) -> None:
+        logging.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, exit_zero)
+
+
 @click.command()
 @click.option("--model-uri", default=None,
               help="Model to serve [env MODEL_URI, default models:/duration@production].")
@@ -39,13 +56,22 @@ def _bounded_registry_calls() -> None:
 @click.option("--request-timeout", type=float, default=None,
               help="Seconds a client has to send a whole request from its first byte; 408 "
                    "past it [env WEB_REQUEST_TIMEOUT, default 30].")
+@click.option("--max-queue-wait", type=float, default=None,
+              help="Most seconds a prediction may wait for the event loop or a worker thread; "
+                   "503 + Retry-After past it [env WEB_MAX_QUEUE_WAIT, default 0.5].")
+@click.option("--max-queue", type=int, default=None,
+              help="Most heavy requests (CSV, parquet, JSON over 16 KiB) running or queued for "
+                   "a worker thread; 503 + Retry-After past it [env WEB_MAX_QUEUE, default 32].")
+@click.option("--drain-timeout", type=float, default=None,
+              help="Seconds requests in flight get to finish after SIGTERM, then exit 0 "
+                   "[env WEB_DRAIN_TIMEOUT, default 8].")
 @click.option("--log-predictions", default=None,
               help="Log every prediction to a .jsonl file, a parquet folder or a "
                    "postgresql+psycopg2:// URL [env WEB_LOG_PREDICTIONS, default off].")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request_timeout,
-         log_predictions, log_level) -> None:
+         max_queue_wait, max_queue, drain_timeout, log_predictions, log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
     import uvicorn
@@ -55,7 +81,8 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request
         "model_uri": model_uri, "web_host": host, "web_port": port,
         "web_poll_interval": poll_interval, "web_max_body_bytes": max_body_bytes,
         "web_max_rows": max_rows, "web_request_timeout": request_timeout,
-        "web_log_predictions": log_predictions}.items()
+        "web_max_queue_wait": max_queue_wait, "web_max_queue": max_queue,
+        "web_drain_timeout": drain_timeout, "web_log_predictions": log_predictions}.items()
         if v is not None}
     settings = WebSettings(**overrides)
     tracking_uri = use_tracking_server(settings)
@@ -67,7 +94,10 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
              settings.web_host, settings.web_port, tracking_uri,
              settings.web_poll_interval)
+    _exit_zero_after_drain()
+    # SIGTERM: the listening socket closes at once (new connections are refused), requests in
+    # flight finish (their connections close after the answer), idle ones close now.
     uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
                 loop="uvloop", http=DurationHttpProtocol, lifespan="on", access_log=False,
-                log_level=log_level, timeout_graceful_shutdown=10)
+                log_level=log_level, timeout_graceful_shutdown=settings.web_drain_timeout)
 

@@ -32,6 +32,9 @@ class Metrics:
         self.model_errors = Counter(
             "duration_model_errors", "Requests the model failed on (500 MODEL_ERROR), by version.",
             ["model_version"], registry=self.registry)
+        self.shed = Counter("duration_requests_shed",
+                            "Requests answered 503 OVERLOADED before any work was done on them.",
+                            registry=self.registry)
         self.log_failed = Gauge("duration_prediction_log_failed_rows",
                                 "Prediction-log rows the sink failed to write (e.g. disk full).",
                                 registry=self.registry)

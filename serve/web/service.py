@@ -48,9 +48,13 @@ class Response:
 
 
 def error_response(err: DurationError, close: bool = False) -> Response:
-    """The JSON ``{"error_code", "message"}`` body of a typed error, with ``Connection: close``
-    when the rest of the request will not be read (``close``)."""
+    """The JSON ``{"error_code", "message"}`` body of a typed error, with ``Retry-After`` when
+    the error says when to retry, and ``Connection: close`` when the rest of the request will
+    not be read (``close``)."""
     headers = ()
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers += ((b"retry-after", str(retry_after).encode()),)
     if close:
         headers += ((b"connection", b"close"),)
     return Response(err.status_code, json.dumps(err.to_dict()).encode(), headers=headers)
