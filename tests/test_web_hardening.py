@@ -248,3 +248,12 @@ def test_prediction_log_write_failures_are_counted(web):
     wait_for(lambda: metric(web, "duration_prediction_log_failed_rows") >= before + len(RIDES),
              "failed rows counted", timeout=15)
     assert metric(web, "duration_prediction_log_dropped_batches") == 0
+
+
+def test_a_websocket_upgrade_is_an_ordinary_request_answered_in_json(web):
+    upgrade = (b"GET /predict HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    _, answer = trickle(web.url, upgrade, b"", seconds=10)
+    status, headers, err = json_error(answer)
+    assert (status, err["error_code"]) == (405, "METHOD_NOT_ALLOWED")
+    assert headers["content-type"] == "application/json"

@@ -97,7 +97,10 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request
     _exit_zero_after_drain()
     # SIGTERM: the listening socket closes at once (new connections are refused), requests in
     # flight finish (their connections close after the answer), idle ones close now.
+    # ws="none": no WebSocket endpoint, so an upgrade request is an ordinary request (answered
+    # by the app: 405 or 404) instead of an ASGI WebSocket uvicorn answers with a text 500.
     uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
-                loop="uvloop", http=DurationHttpProtocol, lifespan="on", access_log=False,
-                log_level=log_level, timeout_graceful_shutdown=settings.web_drain_timeout)
+                loop="uvloop", http=DurationHttpProtocol, ws="none", lifespan="on",
+                access_log=False, log_level=log_level,
+                timeout_graceful_shutdown=settings.web_drain_timeout)
 
