@@ -188,6 +188,37 @@ def test_a_request_trickling_in_gets_a_408_and_loses_its_connection(web, first, 
     assert REQUEST_TIMEOUT - 0.1 <= elapsed < REQUEST_TIMEOUT + 3, elapsed
 
 
+def test_a_request_trickling_after_a_whole_one_on_the_same_connection_gets_a_408(web):
+    body = json.dumps(RIDE).encode()
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    host, port = web.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)  # the first request arrives in two parts (the timer is armed) ...
+        wait_for(lambda: requests.get(web.url + "/health", timeout=5).ok, "the headers read")
+        sock.sendall(body)  # ... and completes: answered, the connection kept alive
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first
+        t0 = time.monotonic()
+        sock.sendall(head + body[:5])  # the second one trickles: cut at its own deadline
+        answer = b""
+        for byte in body[5:]:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.25)
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        elapsed = time.monotonic() - t0
+    status, _, err = json_error(answer)
+    assert (status, err["error_code"]) == (408, "REQUEST_TIMEOUT"), answer
+    assert REQUEST_TIMEOUT - 0.1 <= elapsed < 2 * REQUEST_TIMEOUT + 3, elapsed
+
+
 def test_a_connection_that_sends_nothing_is_closed(web):
     elapsed, answer = trickle(web.url, b"", b"", seconds=30)
     assert answer == b"" and elapsed < 5 + 3  # uvicorn's keep-alive timeout, 5 s

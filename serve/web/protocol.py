@@ -17,7 +17,8 @@ waits forever for a request that trickles in. This subclass:
 The app hands its settings and a counter over through the ASGI lifespan state (``HOOKS``);
 without them (lifespan off) the defaults apply and nothing is counted. The timer is armed
 only when a request is still incomplete after the bytes at hand were parsed, so a request
-that arrives whole (the common case) costs no timer at all.
+that arrives whole (the common case) costs no timer at all, and a stamp is the only work
+added per request.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class DurationHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hooks: HttpHooks = self.app_state.get(HOOKS) or HttpHooks()
-        self._begun: float | None = None  # loop time of the first byte of an incomplete request
         self._read_timer = None
+        self._timed_scope = None  # the scope of the request the timer was armed for
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -68,28 +69,21 @@ class DurationHttpProtocol(HttpToolsProtocol):
             self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc) -> None:
-        self._cancel_read_timer()
+        if self._read_timer is not None:
+            self._read_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if (self._begun is not None and self._read_timer is None
-                and not self.transport.is_closing()):
-            self._read_timer = self.loop.call_at(self._begun + self.hooks.request_timeout,
-                                                 self._request_timed_out)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._begun = self.loop.time()
+        HttpToolsProtocol.data_received(self, data)
+        if self._read_timer is None:
+            cycle = self.cycle  # inlined first test of _incomplete(): false for whole requests
+            if (cycle is None or cycle.scope is not self.scope or cycle.more_body) \
+                    and self._incomplete():
+                self._arm()
 
     def on_headers_complete(self) -> None:
         self.scope[QUEUED_AT] = time.perf_counter()
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._begun = None
-        self._cancel_read_timer()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def send_400_response(self, msg: str) -> None:
         # Called by uvicorn inside its `except httptools.HttpParserError`: the parser's reason
@@ -98,13 +92,30 @@ class DurationHttpProtocol(HttpToolsProtocol):
         self._answer(MalformedHttpRequest(
             f"not a valid HTTP/1.1 request: {reason or msg}; nothing of it was processed"))
 
+    def _incomplete(self) -> bool:
+        """A request has begun and is not all in (its headers, or its body, still coming)."""
+        cycle, scope = self.cycle, self.scope
+        return scope is not None and (cycle is None or cycle.scope is not scope
+                                      or cycle.more_body) and not self.transport.is_closing()
+
+    def _arm(self) -> None:
+        # Armed when a request is found incomplete after the bytes that began it: its deadline
+        # runs from then. Not cancelled when the request completes (no work per request): it
+        # checks when it fires.
+        self._timed_scope = self.scope
+        self._read_timer = self.loop.call_later(self.hooks.request_timeout,
+                                                self._request_timed_out)
+
     def _request_timed_out(self) -> None:
         self._read_timer = None
-        if self._begun is None or self.transport.is_closing():
+        if not self._incomplete():
+            return
+        if self.scope is not self._timed_scope:  # that request completed; this one began since
+            self._arm()
             return
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # headers in: the app answers
-            if cycle.response_started:  # answered already (e.g. 404): stop the trickle
+            if cycle.response_started:  # answered already (e.g. 413): stop the trickle
                 self.transport.close()
             else:
                 self.scope[TIMED_OUT] = True
@@ -125,8 +136,3 @@ class DurationHttpProtocol(HttpToolsProtocol):
         self.transport.close()
         if self.hooks.count is not None:
             self.hooks.count(err.status_code)
-
-    def _cancel_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
