@@ -47,6 +47,8 @@ class WebApp:
         self.max_body = settings.web_max_body_bytes
         self.max_queue_wait = settings.web_max_queue_wait
         self.work = WorkQueue(settings.web_max_queue, settings.web_max_queue_wait)
+        # Requests handed to the app and responses it sent: equal at a clean stop (logged).
+        self.received = self.answered = 0
         s = service
         self.routes = {
             "/predict": ("POST", s.predict), "/invocations": ("POST", s.invocations),
@@ -74,6 +76,8 @@ class WebApp:
                     service.predlog.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                log.info("stopped: %d requests received, %d answered", self.received,
+                         self.answered)
                 service.holder.stop()
                 self.work.close()
                 if service.predlog is not None:
@@ -83,6 +87,7 @@ class WebApp:
 
     async def http(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
+        self.received += 1
         path = scope["path"]
         route = self.routes.get(path)
         endpoint = path if route else "other"
@@ -128,6 +133,7 @@ class WebApp:
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
+        self.answered += 1
         self.service.metrics.observe(endpoint, response.status, time.perf_counter() - t0)
 
 

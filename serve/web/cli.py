@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 
 import click
 
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
+from serve.urls import masked
 from serve.web.app import create_app
-from serve.web.protocol import DurationHttpProtocol
+from serve.web.server import serve
 from serve.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
@@ -23,22 +23,6 @@ def _bounded_registry_calls() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # Progress bars of artifact downloads are noise in a service log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def _exit_zero_after_drain() -> None:
-    """Make SIGTERM end in exit status 0, promptly, once uvicorn has drained.
-
-    uvicorn catches SIGTERM, drains, then restores the handler it found and raises the signal
-    again: with the default handler the process dies of it (status 143 / -15), which
-    ``docker stop`` and supervisors report as a failure. The handler it finds is this one:
-    everything is flushed and closed by then (lifespan shutdown), and the interpreter's own
-    teardown (3.5 s measured here, freeing what MLflow and pandas imported) is skipped.
-    """
-    def exit_zero(signum, frame) -> None:
-        logging.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, exit_zero)
 
 
 @click.command()
@@ -74,8 +58,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request
          max_queue_wait, max_queue, drain_timeout, log_predictions, log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
-    import uvicorn
-
     setup_logging(log_level)
     overrides = {k: v for k, v in {
         "model_uri": model_uri, "web_host": host, "web_port": port,
@@ -92,15 +74,8 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request
 
     prometheus_client.disable_created_metrics()
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
-             settings.web_host, settings.web_port, tracking_uri,
+             settings.web_host, settings.web_port, masked(tracking_uri),
              settings.web_poll_interval)
-    _exit_zero_after_drain()
-    # SIGTERM: the listening socket closes at once (new connections are refused), requests in
-    # flight finish (their connections close after the answer), idle ones close now.
-    # ws="none": no WebSocket endpoint, so an upgrade request is an ordinary request (answered
-    # by the app: 405 or 404) instead of an ASGI WebSocket uvicorn answers with a text 500.
-    uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
-                loop="uvloop", http=DurationHttpProtocol, ws="none", lifespan="on",
-                access_log=False, log_level=log_level,
-                timeout_graceful_shutdown=settings.web_drain_timeout)
+    serve(create_app(settings), settings.web_host, settings.web_port, log_level,
+          settings.web_drain_timeout)
 
