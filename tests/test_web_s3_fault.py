@@ -86,8 +86,8 @@ def test_s3_down_while_the_alias_moves_keeps_the_old_version_serving(production)
         moto.stop()
         down = time.monotonic()
         client.set_registered_model_alias(NAME, "production", "2")
-        wait_for(lambda: metric(w, "duration_model_load_failures_total") >= failures_before + 2,
-                 "two failed loads of version 2", timeout=180)
+        wait_for(lambda: metric(w, "duration_model_load_failures_total") >= failures_before + 5,
+                 "five failed loads of version 2", timeout=300)
         ready = requests.get(w.url + "/ready", timeout=10)
         assert (ready.status_code, ready.json()["model_version"]) == (200, "1")
         assert served_version(w.url) == "1"
@@ -117,4 +117,4 @@ def test_s3_down_while_the_alias_moves_keeps_the_old_version_serving(production)
     assert summary.by_status == {200: len(shots)}, summary.by_status  # nothing failed
     assert between and set(between) == {"1"}
     assert {"1", "2"} <= set(versions) and versions[-1] == "2"
-    assert failed_loads >= 2
+    assert failed_loads >= 5
