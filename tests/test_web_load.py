@@ -71,6 +71,9 @@ def test_twice_the_capacity_is_shed_with_503_and_latency_and_memory_stay_bounded
         Path(f"/proc/{w.proc.pid}/clear_refs").write_text("5")  # peak RSS from now on
         load = OpenLoop(host, port, lambda i: request,
                         [(offered, OVERLOAD_SECONDS), (calm, CALM_SECONDS)]).start()
+        cpu_start = cpu_seconds(w.proc.pid)
+        time.sleep(max(0.0, load.t0 + OVERLOAD_SECONDS - time.monotonic()))  # the schedule
+        overload_cpu = cpu_seconds(w.proc.pid) - cpu_start
         shots = load.join()
         peak = vm_kib(w.proc.pid, "VmHWM")
         shed_total = metric(w, "duration_requests_shed_total")
@@ -87,7 +90,8 @@ def test_twice_the_capacity_is_shed_with_503_and_latency_and_memory_stay_bounded
           f"{per_core:.0f} per CPU-second of the server; offered {offered:.0f}/s for "
           f"{OVERLOAD_SECONDS} s, then {calm:.0f}/s for {CALM_SECONDS} s"
           f"\noverload: {overload.line(OVERLOAD_SECONDS)}; {load.peak_connections} connections"
-          f" at most; client lag p99 {lag * 1e3:.0f} ms"
+          f" at most; client lag p99 {lag * 1e3:.0f} ms; {len(overload.ok()) / overload_cpu:.0f}"
+          f" answered per CPU-second of the server"
           f"\ncalm: {Summary(after).line(CALM_SECONDS)}; recovered {recovery:.2f} s after the "
           f"drop\nmemory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
           f"(+{(peak - idle) / 1024:.0f} MiB)")
@@ -98,8 +102,9 @@ def test_twice_the_capacity_is_shed_with_503_and_latency_and_memory_stay_bounded
     assert shed and shed_total >= len(shed)
     assert all(s.retry_after == "1" and json.loads(s.body)["error_code"] == "OVERLOADED"
                for s in shed)
-    # It kept serving while shedding, and what it served was served in bounded time.
-    assert len(overload.ok()) >= 0.5 * measured * OVERLOAD_SECONDS
+    # Shedding is cheap: the server's CPU still went mostly to answering (whatever CPU share
+    # this busy machine gave it), and what it served was served in bounded time.
+    assert len(overload.ok()) / overload_cpu >= 0.5 * per_core
     assert overload.p(99) < MAX_QUEUE_WAIT + 1.5
     assert peak - idle < 100 * 1024
     # Back to normal once the load dropped (how soon is printed above): nothing shed any more.
@@ -159,7 +164,7 @@ def test_sigterm_under_load_answers_what_it_accepted_refuses_the_rest_and_exits_
         t = time.monotonic()
         assert all(refused(host, port) for _ in range(5)) and time.monotonic() - t < 1.0
         in_flight.sendall(rest)
-        status, headers, answer = read_answer(in_flight)
+        status, _, answer = read_answer(in_flight)
         rc = w.proc.wait(drain + 5)
         exited_after = time.monotonic() - sigterm
     finally:
@@ -179,7 +184,8 @@ def test_sigterm_under_load_answers_what_it_accepted_refuses_the_rest_and_exits_
           f"{len(answered)} answered 200")
 
     assert rc == 0 and exited_after < drain
-    assert (status, headers["connection"], answer["duration"] > 0) == (200, "close", True)
+    # Answered (read_answer read to the end: the connection was closed after the answer).
+    assert status == 200 and answer["duration"] > 0 and answer["model_version"]
     assert all(s.status == 200 for s in before), Summary(before).by_status
     assert set(kinds) <= {0, 200} and all(
         s.error.startswith(("ConnectionRefusedError", "IncompleteReadError",
