@@ -62,3 +62,35 @@ class MethodNotAllowed(DurationError):
 
     error_code = "METHOD_NOT_ALLOWED"
     status_code = 405
+
+
+class RequestTimeout(InvalidInput):
+    """The client did not send its whole request within the read timeout."""
+
+    error_code = "REQUEST_TIMEOUT"
+    status_code = 408
+
+
+class Overloaded(DurationError):
+    """Too much work queued: the request was shed before any work was done on it; retry later.
+
+    Whoever raises it (the web's queue bounds, a batching queue) only says so; the adapter
+    renders the 503 and the ``Retry-After`` header from ``retry_after``.
+    """
+
+    error_code = "OVERLOADED"
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelFailed(DurationError):
+    """The model raised on an input that passed validation: a server fault, not the client's.
+
+    The message stays generic (the traceback goes to the service log, never to the client).
+    """
+
+    error_code = "MODEL_ERROR"
+    status_code = 500

@@ -6,23 +6,23 @@ holding well-typed rides) on a pandas-free fast path, and hand everything else
 (CSV, parquet, strings that MLflow coerces, ``index`` keys, odd shapes) to
 MLflow's own parser and the pyfunc model, so the bytes of every successful
 response are MLflow's by construction. What differs is the failure side: errors
-are ``{"error_code", "message"}`` with a 4xx status and never a stack trace.
+are ``{"error_code", "message"}`` and never a stack trace; a 4xx when the request is at fault,
+a 500 ``MODEL_ERROR`` when the model fails on an input that passed validation. Parquet bodies
+are read through :mod:`serve.parquet_body`, which checks their footer before any page.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 
-from serve.errors import DurationError, InvalidInput, UnsupportedMediaType
+from serve.errors import DurationError, InvalidInput, ModelFailed, UnsupportedMediaType
 from serve.features import MAX_LOCATION, MIN_LOCATION, RIDE_COLUMNS, Rides, rides_from_rows
-
-log = logging.getLogger(__name__)
+from serve.parquet_body import read_parquet_body
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_CSV = "text/csv"
@@ -31,6 +31,11 @@ CONTENT_TYPES = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
 INPUT_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
 MAX_MESSAGE = 400  # MLflow echoes whole DataFrames into messages; clients need the gist
+# MlflowException codes that mean the input is at fault (schema enforcement says
+# INVALID_PARAMETER_VALUE); any other failure of the model is the server's.
+CLIENT_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+MODEL_FAILED = ("the model failed on this request (a server fault, not the input); see the "
+                "service log")
 
 
 class MalformedRequest(InvalidInput):
@@ -162,8 +167,9 @@ def _short(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " ..."
 
 
-def mlflow_rows(payload_or_body, mime: str, input_schema):
-    """Decode a request the way ``mlflow models serve`` does (pandas, schema-aware)."""
+def mlflow_rows(payload_or_body, mime: str, input_schema, max_rows: int):
+    """Decode a request the way ``mlflow models serve`` does (pandas, schema-aware); a parquet
+    body of more than ``max_rows`` rows is refused from its footer."""
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server as ss
 
@@ -182,7 +188,8 @@ def mlflow_rows(payload_or_body, mime: str, input_schema):
         if mime == CONTENT_TYPE_CSV:
             text = payload_or_body.decode("utf-8")
             return ss.parse_csv_input(io.StringIO(text), schema=input_schema)
-        return ss.parse_parquet_input(io.BytesIO(payload_or_body))
+        columns = input_schema.input_names() if input_schema is not None else RIDE_COLUMNS
+        return read_parquet_body(payload_or_body, columns, max_rows)
     except DurationError:
         raise
     except UnicodeDecodeError as e:
@@ -197,7 +204,8 @@ def mlflow_rows(payload_or_body, mime: str, input_schema):
 
 def mlflow_predict(pyfunc, data) -> tuple[np.ndarray, bytes]:
     """Predict through the pyfunc model (signature enforcement included); minutes and the
-    response body encoded as MLflow encodes it."""
+    response body encoded as MLflow encodes it. InvalidInput when the input is at fault,
+    ModelFailed (500) for any other failure of the model."""
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server as ss
 
@@ -206,11 +214,11 @@ def mlflow_predict(pyfunc, data) -> tuple[np.ndarray, bytes]:
     except DurationError:
         raise
     except MlflowException as e:
-        raise InvalidInput(_short(e.message)) from e
-    except Exception as e:  # noqa: BLE001 - the body passed decoding but the model cannot use it
-        log.warning("prediction failed on a decoded request: %r", e)
-        raise InvalidInput(f"the input cannot be scored by this model: {type(e).__name__}: "
-                           f"{_short(str(e))}") from e
+        if e.error_code in CLIENT_ERROR_CODES:
+            raise InvalidInput(_short(e.message)) from e
+        raise ModelFailed(MODEL_FAILED) from e
+    except Exception as e:  # noqa: BLE001 - the input passed validation: the model is at fault
+        raise ModelFailed(MODEL_FAILED) from e
     out = io.StringIO()
     ss.predictions_to_json(raw, out)
     return np.asarray(raw, dtype=np.float64), out.getvalue().encode()

@@ -54,15 +54,17 @@ class Web:
 
 
 def start_web(home: Path, model_uri: str, tracking_uri: str, *args: str,
-              ready: bool = True) -> Web:
-    """Start the service on a free port and wait until it is alive (and ready, if asked)."""
+              ready: bool = True, env: dict | None = None) -> Web:
+    """Start the service on a free port and wait until it is alive (and ready, if asked);
+    ``env``: more environment variables (settings such as ``WEB_REQUEST_TIMEOUT``)."""
     port = free_port()
     log = home / f"web-{port}.log"
     cmd = [sys.executable, "-m", "serve.web", "--model-uri", model_uri, "--port", str(port), *args]
     url = f"http://127.0.0.1:{port}"
     try:
         proc = spawn(cmd, log, http_ok(url + ("/ready" if ready else "/health")), "serve.web",
-                     timeout=90, env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri), cwd=ROOT)
+                     timeout=90, cwd=ROOT,
+                     env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(env or {})))
     except Exception as e:
         raise AssertionError(f"serve.web did not start; log:\n{log.read_text()[-3000:]}") from e
     return Web(url, proc, log)

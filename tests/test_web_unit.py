@@ -222,3 +222,24 @@ def test_parquet_sink_leaves_no_temp_file_when_a_write_fails(tmp_path, monkeypat
 def test_open_sink_rejects_unknown_schemes():
     with pytest.raises(ValueError, match="unsupported scheme"):
         open_sink("ftp://host/preds")
+
+
+def test_pyarrow_is_pinned_past_cve_2023_47248_everywhere_we_install_it():
+    """We parse client parquet: pyarrow 0.14.0-14.0.0 unpickles arbitrary data read from
+    untrusted IPC and parquet files (CVE-2023-47248)."""
+    import re
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    deps = re.findall(r'^\s*"(pyarrow[^"]*)"', (root / "pyproject.toml").read_text(), re.M)
+    conda = re.findall(r"^\s*- (pyarrow\S*)", (root / "conda.yaml").read_text(), re.M)
+    pinned = re.findall(r"^(pyarrow\S*)", (root / "serve/requirements-web.txt").read_text(), re.M)
+    specs = [Requirement(d) for d in deps + conda + pinned]
+    assert len(specs) == 3, specs
+    for spec in specs:  # no vulnerable version allowed
+        assert not any(spec.specifier.contains(v) for v in ("0.14.0", "13.0.0", "14.0.0")), spec
+    assert Version(version("pyarrow")) >= Version("14.0.1")

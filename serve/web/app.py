@@ -1,5 +1,6 @@
-"""The raw ASGI adapter: routing, body limits, timing, error rendering; the lifespan starts the
-registry poller and the prediction log.
+"""The raw ASGI adapter: routing, body reading, load shedding, timing, error rendering; the
+lifespan starts the registry poller and the prediction log, and hands the HTTP layer
+(:mod:`serve.web.protocol`) its hooks.
 
 Raw ASGI rather than a framework: Starlette's routing and request objects cost more than the
 ride model itself (README, section online).
@@ -11,26 +12,41 @@ import asyncio
 import logging
 import time
 
-from serve.errors import DurationError, InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge
+from serve.errors import DurationError, MethodNotAllowed, NotFound, Overloaded
 from serve.predlog import PredictionLog, open_sink
 from serve.web.holder import ModelHolder
+from serve.web.limits import (
+    ClientDisconnected,
+    ShuttingDown,
+    WorkQueue,
+    check_queue_wait,
+    read_body,
+)
 from serve.web.metrics import Metrics
+from serve.web.protocol import HOOKS, QUEUED_AT, HttpHooks
 from serve.web.service import Response, Service, error_response
 from serve.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
 
-# Bodies above this are decoded and scored in a thread so /health and small requests
-# keep flowing while a big batch is parsed.
-OFFLOAD_BYTES = 256 * 1024
+# JSON bodies above this, and every CSV or parquet body, are decoded and scored in a worker
+# thread (limits.WorkQueue), so the event loop keeps reading sockets and accepting connections
+# (uvloop accepts one per loop iteration) while they are; smaller JSON bodies (the fast path,
+# at most ~0.5 ms of work) are answered on the loop at once.
+OFFLOAD_BYTES = 16 * 1024
+CLIENT_GONE = 499  # the status nginx logs for a client that hung up before the answer
 
 
 class WebApp:
-    """Raw ASGI adapter: routing, body limits, timing, error rendering; lifespan starts the
-    poller and the prediction log."""
+    """Raw ASGI adapter: routing, body reading, load shedding, timing, error rendering; the
+    lifespan starts the poller and the prediction log and hands the HTTP layer its hooks."""
 
     def __init__(self, service: Service):
         self.service = service
+        settings = service.settings
+        self.max_body = settings.web_max_body_bytes
+        self.max_queue_wait = settings.web_max_queue_wait
+        self.work = WorkQueue(settings.web_max_queue, settings.web_max_queue_wait)
         # Requests handed to the app and responses it sent: equal at a clean stop (logged).
         self.received = self.answered = 0
         s = service
@@ -44,22 +60,28 @@ class WebApp:
         if scope["type"] == "http":
             await self.http(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
+            await self.lifespan(scope, receive, send)
 
-    async def lifespan(self, receive, send) -> None:
+    async def lifespan(self, scope, receive, send) -> None:
+        service = self.service
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.service.holder.start()
-                if self.service.predlog is not None:
-                    self.service.predlog.start()
+                if "state" in scope:  # the HTTP layer (serve.web.protocol) reads it
+                    scope["state"][HOOKS] = HttpHooks(
+                        service.settings.web_request_timeout,
+                        lambda status: service.metrics.count("other", status))
+                service.holder.start()
+                if service.predlog is not None:
+                    service.predlog.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 log.info("stopped: %d requests received, %d answered", self.received,
                          self.answered)
-                self.service.holder.stop()
-                if self.service.predlog is not None:
-                    await asyncio.to_thread(self.service.predlog.close)
+                service.holder.stop()
+                self.work.close()
+                if service.predlog is not None:
+                    await asyncio.to_thread(service.predlog.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -69,6 +91,7 @@ class WebApp:
         path = scope["path"]
         route = self.routes.get(path)
         endpoint = path if route else "other"
+        unread = False  # an error while the body is unread closes the connection
         try:
             if route is None:
                 raise NotFound(f"no endpoint {path!r}; try POST /predict, POST /invocations, "
@@ -79,45 +102,44 @@ class WebApp:
             if method == "GET":
                 response = handler()
             else:
-                content_type, body = await self._read(scope, receive)
-                if len(body) > OFFLOAD_BYTES:
-                    response = await asyncio.to_thread(handler, body, content_type)
+                check_queue_wait(scope, t0, self.max_queue_wait)
+                unread = True
+                content_type, body = await read_body(scope, receive, self.max_body)
+                unread = False
+                if len(body) > OFFLOAD_BYTES or not _json(content_type):
+                    response = await self.work.run(scope.get(QUEUED_AT, t0), handler, body,
+                                                   content_type)
                 else:
                     response = handler(body, content_type)
         except DurationError as e:
-            response = error_response(e)
+            if isinstance(e, Overloaded):
+                self.service.metrics.shed.inc()
+            response = error_response(e, close=unread)
+        except ClientDisconnected:  # nobody to answer; counted as what it is, not as a 400
+            self.service.metrics.observe(endpoint, CLIENT_GONE, time.perf_counter() - t0)
+            return
+        except asyncio.CancelledError:  # uvicorn's drain timeout: the one canceller of requests
+            response = error_response(ShuttingDown(
+                f"the service is shutting down and the request did not finish within "
+                f"{self.service.settings.web_drain_timeout:g} s; retry"), close=True)
         except Exception:  # noqa: BLE001 - a bug: log it here, never send a traceback
             log.exception("unhandled error on %s %s", scope["method"], path)
             response = Response(500, b'{"error_code": "INTERNAL_ERROR", '
                                      b'"message": "internal error; see the service log"}')
+        headers = [(b"content-type", response.content_type),
+                   (b"content-length", str(len(response.body)).encode())]
+        if response.headers:
+            headers.extend(response.headers)
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": [(b"content-type", response.content_type),
-                                (b"content-length", str(len(response.body)).encode())]})
+                    "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
         self.answered += 1
         self.service.metrics.observe(endpoint, response.status, time.perf_counter() - t0)
 
-    async def _read(self, scope, receive) -> tuple[str | None, bytes]:
-        """Content type and body, refusing bodies over the limit before reading them whole."""
-        limit = self.service.settings.web_max_body_bytes
-        content_type = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise PayloadTooLarge(f"request body of {int(value)} bytes; the limit is {limit}")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidInput("client disconnected before sending the whole body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body over {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return content_type, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+def _json(content_type: str | None) -> bool:
+    """Whether a body is (most likely) JSON, the one kind parsed on the event loop when small."""
+    return content_type is not None and content_type.startswith("application/json")
 
 
 def create_app(settings: WebSettings) -> WebApp:

@@ -25,7 +25,6 @@ def _bounded_registry_calls() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-
 @click.command()
 @click.option("--model-uri", default=None,
               help="Model to serve [env MODEL_URI, default models:/duration@production].")
@@ -38,20 +37,34 @@ def _bounded_registry_calls() -> None:
               help="Largest request body accepted [env WEB_MAX_BODY_BYTES, default 1 MiB].")
 @click.option("--max-rows", type=int, default=None,
               help="Most rides per request [env WEB_MAX_ROWS, default 10000].")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a client has to send a whole request from its first byte; 408 "
+                   "past it [env WEB_REQUEST_TIMEOUT, default 30].")
+@click.option("--max-queue-wait", type=float, default=None,
+              help="Most seconds a prediction may wait for the event loop or a worker thread; "
+                   "503 + Retry-After past it [env WEB_MAX_QUEUE_WAIT, default 0.5].")
+@click.option("--max-queue", type=int, default=None,
+              help="Most heavy requests (CSV, parquet, JSON over 16 KiB) running or queued for "
+                   "a worker thread; 503 + Retry-After past it [env WEB_MAX_QUEUE, default 32].")
+@click.option("--drain-timeout", type=float, default=None,
+              help="Seconds requests in flight get to finish after SIGTERM, then exit 0 "
+                   "[env WEB_DRAIN_TIMEOUT, default 8].")
 @click.option("--log-predictions", default=None,
               help="Log every prediction to a .jsonl file, a parquet folder or a "
                    "postgresql+psycopg2:// URL [env WEB_LOG_PREDICTIONS, default off].")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
-def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_predictions,
-         log_level) -> None:
+def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, request_timeout,
+         max_queue_wait, max_queue, drain_timeout, log_predictions, log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
     setup_logging(log_level)
     overrides = {k: v for k, v in {
         "model_uri": model_uri, "web_host": host, "web_port": port,
         "web_poll_interval": poll_interval, "web_max_body_bytes": max_body_bytes,
-        "web_max_rows": max_rows, "web_log_predictions": log_predictions}.items()
+        "web_max_rows": max_rows, "web_request_timeout": request_timeout,
+        "web_max_queue_wait": max_queue_wait, "web_max_queue": max_queue,
+        "web_drain_timeout": drain_timeout, "web_log_predictions": log_predictions}.items()
         if v is not None}
     settings = WebSettings(**overrides)
     tracking_uri = use_tracking_server(settings)
@@ -63,5 +76,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
              settings.web_host, settings.web_port, masked(tracking_uri),
              settings.web_poll_interval)
-    serve(create_app(settings), settings.web_host, settings.web_port, log_level)
+    serve(create_app(settings), settings.web_host, settings.web_port, log_level,
+          settings.web_drain_timeout)
 

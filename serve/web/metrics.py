@@ -29,6 +29,15 @@ class Metrics:
                                      registry=self.registry)
         self.load_failures = Counter("duration_model_load_failures",
                                      "New versions that failed to load.", registry=self.registry)
+        self.model_errors = Counter(
+            "duration_model_errors", "Requests the model failed on (500 MODEL_ERROR), by version.",
+            ["model_version"], registry=self.registry)
+        self.shed = Counter("duration_requests_shed",
+                            "Requests answered 503 OVERLOADED before any work was done on them.",
+                            registry=self.registry)
+        self.log_failed = Gauge("duration_prediction_log_failed_rows",
+                                "Prediction-log rows the sink failed to write (e.g. disk full).",
+                                registry=self.registry)
         self.log_dropped = Gauge("duration_prediction_log_dropped_batches",
                                  "Prediction-log batches dropped because the writer fell behind.",
                                  registry=self.registry)
@@ -43,6 +52,10 @@ class Metrics:
                                            self.latency.labels(endpoint, str(status)))
         child[0].inc()
         child[1].observe(seconds)
+
+    def count(self, endpoint: str, status: int) -> None:
+        """Count an answer without a latency (given by the HTTP layer, before the app)."""
+        self.requests.labels(endpoint, str(status)).inc()
 
     def render(self) -> bytes:
         """The text exposition format."""

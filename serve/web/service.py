@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from serve.errors import DurationError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from serve.errors import (
+    DurationError,
+    InvalidInput,
+    ModelFailed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from serve.features import RIDE_COLUMNS, Rides, parse_ride, rides_from_rows
 from serve.predlog import LoggedBatch, PredictionLog
 from serve.scoring import (
     CONTENT_TYPE_JSON,
+    MODEL_FAILED,
     decode_json,
     encode_predictions,
     fast_rides,
@@ -24,6 +32,8 @@ from serve.web.holder import Active, ModelHolder
 from serve.web.metrics import Metrics
 from serve.web.settings import WebSettings
 
+log = logging.getLogger(__name__)
+
 JSON = b"application/json"
 
 
@@ -34,11 +44,20 @@ class Response:
     status: int
     body: bytes
     content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers
 
 
-def error_response(err: DurationError) -> Response:
-    """The JSON ``{"error_code", "message"}`` body of a typed error."""
-    return Response(err.status_code, json.dumps(err.to_dict()).encode())
+def error_response(err: DurationError, close: bool = False) -> Response:
+    """The JSON ``{"error_code", "message"}`` body of a typed error, with ``Retry-After`` when
+    the error says when to retry, and ``Connection: close`` when the rest of the request will
+    not be read (``close``)."""
+    headers = ()
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers += ((b"retry-after", str(retry_after).encode()),)
+    if close:
+        headers += ((b"connection", b"close"),)
+    return Response(err.status_code, json.dumps(err.to_dict()).encode(), headers=headers)
 
 
 def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
@@ -98,7 +117,7 @@ class Service:
         payload = decode_json(body)
         rides, many = parse_predict(payload, self.settings.web_max_rows)
         active = self.holder.require()
-        minutes = active.model.predict_rides(rides)
+        minutes = self._predict_rides(active, rides)
         self._record("/predict", active, rides, minutes)
         if many:
             out = {"predictions": [{"duration": m} for m in minutes.tolist()],
@@ -115,14 +134,33 @@ class Service:
         rides = fast_rides(payload) if mime == CONTENT_TYPE_JSON else None
         if rides is not None:
             self._check_rows(len(rides))
-            minutes = active.model.predict_rides(rides)
+            minutes = self._predict_rides(active, rides)
             self._record("/invocations", active, rides, minutes)
             return Response(200, encode_predictions(minutes))
-        data = mlflow_rows(payload, mime, active.input_schema)
+        data = mlflow_rows(payload, mime, active.input_schema, self.settings.web_max_rows)
         self._check_rows(len(data))
-        minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        try:
+            minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        except ModelFailed as e:
+            raise self._model_failed(active, e.__cause__ or e) from e.__cause__
         self._record("/invocations", active, _frame_rides(data), minutes)
         return Response(200, out)
+
+    def _predict_rides(self, active: Active, rides: Rides) -> np.ndarray:
+        try:
+            return active.model.predict_rides(rides)
+        except DurationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - validated rides: the model is at fault
+            raise self._model_failed(active, e) from e
+
+    def _model_failed(self, active: Active, cause: BaseException) -> ModelFailed:
+        """Count and log (with its traceback) a failure of the model; the client gets a
+        generic 500."""
+        self.metrics.model_errors.labels(active.version).inc()
+        log.error("model version %s failed on a request: %s: %s", active.version,
+                  type(cause).__name__, cause, exc_info=cause)
+        return ModelFailed(MODEL_FAILED)
 
     def _check_rows(self, n: int) -> None:
         if n > self.settings.web_max_rows:
@@ -157,4 +195,5 @@ class Service:
 
         if self.predlog is not None:
             self.metrics.log_dropped.set(self.predlog.dropped)
+            self.metrics.log_failed.set(self.predlog.failed)
         return Response(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())

@@ -16,5 +16,16 @@ class WebSettings(Settings):
         30.0, description="Seconds between registry polls for a new production version.")
     web_max_body_bytes: int = Field(1 << 20, description="Largest request body accepted (413).")
     web_max_rows: int = Field(10_000, description="Most rides per request (413).")
+    web_request_timeout: float = Field(
+        30.0, description="Seconds a client has to send a whole request from its first byte (408).")
+    web_max_queue_wait: float = Field(
+        0.5, description="Most seconds a prediction may wait for the event loop or a worker "
+                         "thread before work starts on it (503 + Retry-After past it).")
+    web_max_queue: int = Field(
+        32, description="Most heavy requests (CSV, parquet, JSON over 16 KiB) running or "
+                        "waiting for a worker thread (503 + Retry-After past it).")
+    web_drain_timeout: float = Field(
+        8.0, description="Seconds requests in flight get to finish after SIGTERM (docker stop "
+                         "waits 10 s before SIGKILL).")
     web_log_predictions: str | None = Field(
         None, description="Prediction log: .jsonl file, parquet folder or SQLAlchemy URL.")
