@@ -62,3 +62,14 @@ class MethodNotAllowed(DurationError):
 
     error_code = "METHOD_NOT_ALLOWED"
     status_code = 405
+
+
+class QueueFull(DurationError):
+    """The adaptive-batching queue is at its bound: shed the request (503, retry later)."""
+
+    error_code = "QUEUE_FULL"
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, for a Retry-After header

@@ -13,10 +13,12 @@ import time
 
 from serve.errors import DurationError, InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge
 from serve.predlog import PredictionLog, open_sink
+from serve.web.batching import Batcher
 from serve.web.holder import ModelHolder
 from serve.web.metrics import Metrics
-from serve.web.service import Response, Service, error_response
+from serve.web.service import Response, Scoring, Service, error_response
 from serve.web.settings import WebSettings
+from serve.web.v2 import V2, v2_error_response
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,10 @@ class WebApp:
     """Raw ASGI adapter: routing, body limits, timing, error rendering; lifespan starts the
     poller and the prediction log."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, batcher: Batcher | None = None):
         self.service = service
+        self.batcher = batcher  # None: every request is predicted on its own
+        self.v2 = V2(service)
         s = service
         self.routes = {
             "/predict": ("POST", s.predict), "/invocations": ("POST", s.invocations),
@@ -49,11 +53,15 @@ class WebApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.service.holder.start()
+                if self.batcher is not None:
+                    self.batcher.start()
                 if self.service.predlog is not None:
                     self.service.predlog.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.service.holder.stop()
+                if self.batcher is not None:
+                    await self.batcher.close()
                 if self.service.predlog is not None:
                     await asyncio.to_thread(self.service.predlog.close)
                 await send({"type": "lifespan.shutdown.complete"})
@@ -64,7 +72,10 @@ class WebApp:
         path = scope["path"]
         route = self.routes.get(path)
         endpoint = path if route else "other"
+        v2 = path.startswith("/v2") and (len(path) == 3 or path[3] == "/")
         try:
+            if route is None and v2:
+                endpoint, *route = self.v2.route(path)
             if route is None:
                 raise NotFound(f"no endpoint {path!r}; try POST /predict, POST /invocations, "
                                f"GET /health, /ready, /version, /metrics")
@@ -76,15 +87,21 @@ class WebApp:
             else:
                 content_type, body = await self._read(scope, receive)
                 if len(body) > OFFLOAD_BYTES:
-                    response = await asyncio.to_thread(handler, body, content_type)
+                    response = await asyncio.to_thread(self.service.respond, handler, body,
+                                                       content_type)
                 else:
                     response = handler(body, content_type)
+                    if type(response) is Scoring:
+                        response = (self.service.score(response) if self.batcher is None else
+                                    self.service.finish(response, *await self.batcher.predict(
+                                        response.rides)))
         except DurationError as e:
-            response = error_response(e)
+            response = v2_error_response(e) if v2 else error_response(e)
         except Exception:  # noqa: BLE001 - a bug: log it here, never send a traceback
             log.exception("unhandled error on %s %s", scope["method"], path)
-            response = Response(500, b'{"error_code": "INTERNAL_ERROR", '
-                                     b'"message": "internal error; see the service log"}')
+            response = v2_error_response(DurationError("internal error; see the service log")) \
+                if v2 else Response(500, b'{"error_code": "INTERNAL_ERROR", '
+                                         b'"message": "internal error; see the service log"}')
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", str(len(response.body)).encode())]})
@@ -120,4 +137,7 @@ def create_app(settings: WebSettings) -> WebApp:
     holder = ModelHolder(settings.model_uri, settings.web_poll_interval, metrics)
     predlog = (PredictionLog(open_sink(settings.web_log_predictions))
                if settings.web_log_predictions else None)
-    return WebApp(Service(holder, metrics, settings, predlog))
+    batcher = (Batcher(holder, metrics, settings.web_max_batch_size,
+                       settings.web_max_batch_delay_ms / 1000, settings.web_max_batch_queue)
+               if settings.web_max_batch_size > 0 else None)
+    return WebApp(Service(holder, metrics, settings, predlog), batcher)

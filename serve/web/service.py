@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,29 @@ class Response:
 def error_response(err: DurationError) -> Response:
     """The JSON ``{"error_code", "message"}`` body of a typed error."""
     return Response(err.status_code, json.dumps(err.to_dict()).encode())
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A validated request waiting for its minutes: what the app predicts (inline, or coalesced
+    with its neighbours by the batcher) and how to answer once it has them."""
+
+    endpoint: str
+    rides: Rides
+    answer: Callable[[Active, np.ndarray], bytes]  # the 200 body; may raise a DurationError
+
+
+def _one_duration(active: Active, minutes: np.ndarray) -> bytes:
+    return json.dumps({"duration": float(minutes[0]), "model_version": active.version}).encode()
+
+
+def _many_durations(active: Active, minutes: np.ndarray) -> bytes:
+    return json.dumps({"predictions": [{"duration": m} for m in minutes.tolist()],
+                       "model_version": active.version}).encode()
+
+
+def _mlflow_predictions(active: Active, minutes: np.ndarray) -> bytes:
+    return encode_predictions(minutes)
 
 
 def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
@@ -91,23 +115,32 @@ class Service:
         if self.predlog is not None and rides is not None:
             self.predlog.put(LoggedBatch(time.time(), endpoint, active.version, rides, minutes))
 
-    def predict(self, body: bytes, content_type: str | None) -> Response:
+    def finish(self, job: Scoring, active: Active, minutes: np.ndarray) -> Response:
+        """The answer to a scored request (counted, and logged if the log is on)."""
+        body = job.answer(active, minutes)
+        self._record(job.endpoint, active, job.rides, minutes)
+        return Response(200, body)
+
+    def score(self, job: Scoring) -> Response:
+        """Predict one request on its own (no batching) and answer it."""
+        active = self.holder.require()
+        return self.finish(job, active, active.model.predict_rides(job.rides))
+
+    def respond(self, handler: Callable, body: bytes, content_type: str | None) -> Response:
+        """Run an endpoint to the end, predicting inline (for bodies scored off the event loop)."""
+        out = handler(body, content_type)
+        return self.score(out) if isinstance(out, Scoring) else out
+
+    def predict(self, body: bytes, content_type: str | None) -> Scoring:
         """``POST /predict``: course-compatible rides in, minutes and model version out."""
         if media_type(content_type) != CONTENT_TYPE_JSON:
             raise UnsupportedMediaType(f"/predict takes {CONTENT_TYPE_JSON}, got {content_type!r}")
         payload = decode_json(body)
         rides, many = parse_predict(payload, self.settings.web_max_rows)
-        active = self.holder.require()
-        minutes = active.model.predict_rides(rides)
-        self._record("/predict", active, rides, minutes)
-        if many:
-            out = {"predictions": [{"duration": m} for m in minutes.tolist()],
-                   "model_version": active.version}
-        else:
-            out = {"duration": float(minutes[0]), "model_version": active.version}
-        return Response(200, json.dumps(out).encode())
+        self.holder.require()  # 503 before the first load, after the 4xx checks
+        return Scoring("/predict", rides, _many_durations if many else _one_duration)
 
-    def invocations(self, body: bytes, content_type: str | None) -> Response:
+    def invocations(self, body: bytes, content_type: str | None) -> Response | Scoring:
         """``POST /invocations``: the MLflow scoring protocol, same bytes as MLflow on success."""
         mime = media_type(content_type)
         payload = decode_json(body) if mime == CONTENT_TYPE_JSON else body
@@ -115,9 +148,8 @@ class Service:
         rides = fast_rides(payload) if mime == CONTENT_TYPE_JSON else None
         if rides is not None:
             self._check_rows(len(rides))
-            minutes = active.model.predict_rides(rides)
-            self._record("/invocations", active, rides, minutes)
-            return Response(200, encode_predictions(minutes))
+            return Scoring("/invocations", rides, _mlflow_predictions)
+        # Everything else takes MLflow's own parser and the pyfunc model, never batched.
         data = mlflow_rows(payload, mime, active.input_schema)
         self._check_rows(len(data))
         minutes, out = mlflow_predict(active.loaded.pyfunc, data)
