@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from serve.errors import InvalidInput, NotFound, PayloadTooLarge
-from serve.web.v2 import V2, parse_infer
+from serve.web.v2 import NUMPY_TYPES, V2, parse_infer, split_binary
 
 COLUMNS = {"PULocationID": ("INT64", [43, 1]), "DOLocationID": ("INT64", [151, 2]),
            "trip_distance": ("FP64", [1.8, 3])}
@@ -88,8 +91,8 @@ BAD = {
     "data-not-list": ({"inputs": tensors(trip_distance={"data": "1.8"})}, "JSON list"),
     "nested-ragged": ({"inputs": tensors(shape=[2, 1], PULocationID={"data": [[43, 1], [2]]})},
                       "nested"),
-    "binary": ({"inputs": tensors(PULocationID={"parameters": {"binary_data_size": 16}})},
-               "binary_data=False"),
+    "binary-missing": ({"inputs": tensors(PULocationID={"parameters": {"binary_data_size": 16}})},
+                       "past the 0 bytes"),
 }
 
 
@@ -99,6 +102,38 @@ def test_parse_infer_names_what_is_wrong(case):
     with pytest.raises(InvalidInput) as e:
         parse_infer(payload, 100)
     assert needle in e.value.message and e.value.status_code == 400
+
+
+def binary_request(pu=(43, 1), do=(151, 2), dist=(1.8, 3.0), pu_type="INT64") -> bytes:
+    """A request in Triton's binary tensor extension: JSON header, then the raw tensors."""
+    arrays = {"PULocationID": np.array(pu, dtype=NUMPY_TYPES[pu_type]),
+              "DOLocationID": np.array(do, dtype="<i8"),
+              "trip_distance": np.array(dist, dtype="<f8")}
+    header = {"inputs": [{"name": c, "datatype": pu_type if c == "PULocationID" else
+                          ("FP64" if c == "trip_distance" else "INT64"), "shape": [len(a)],
+                          "parameters": {"binary_data_size": a.nbytes}}
+                         for c, a in arrays.items()]}
+    return json.dumps(header).encode() + b"".join(a.tobytes() for a in arrays.values())
+
+
+def test_binary_tensors_decode_like_json_ones():
+    for pu_type in ("INT64", "INT32", "UINT8"):
+        payload, blob = split_binary(binary_request(pu_type=pu_type))
+        rides, _ = parse_infer(payload, 100, blob)
+        assert rows(rides) == EXPECTED and rides.pu.dtype == np.int64
+
+
+@pytest.mark.parametrize("body, needle", [
+    (binary_request(pu=(0, 1)), "1..265"),
+    (binary_request(dist=(-1.0, 2.0)), "-1.0"),
+    (binary_request(dist=(float("nan"), 2.0)), "nan"),
+    (binary_request() + b"\x00", "belong to no input"),
+    (binary_request()[:-1], "binary_data_size 16"),
+])
+def test_binary_tensors_are_validated(body, needle):
+    with pytest.raises(InvalidInput) as e:
+        parse_infer(*split_binary(body)[:1], 100, split_binary(body)[1])
+    assert needle in e.value.message
 
 
 def test_parse_infer_refuses_more_rows_than_the_limit():

@@ -5,7 +5,9 @@
 (or ``[N, 1]``, as MLServer's pandas codec sends them). ``{name}`` is the registered model's
 name and ``{v}`` the version being served: any other name or version is a 404. Errors are the
 spec's ``{"error": "..."}``. The request is decoded straight into :class:`Rides`, pandas-free,
-so ``/infer`` costs what ``/invocations`` costs.
+so ``/infer`` costs what ``/invocations`` costs. Tensors come as JSON ``data`` or, with
+Triton's binary tensor extension (``tritonclient``'s default), as raw bytes after the JSON
+header; answers are always JSON, which every V2 client reads.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ INPUTS = (("PULocationID", "INT64"), ("DOLocationID", "INT64"), ("trip_distance"
 OUTPUT = "predicted_duration"
 INT_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"}) | INT_TYPES
+NUMPY_TYPES = {"INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "<u1",
+               "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4",
+               "FP64": "<f8"}
 MAX_FLOAT = sys.float_info.max
 INFER = "/v2/models/{name}/infer"  # the endpoint label in metrics and the prediction log
 _MODEL_NAME = re.compile(r"^models:/(?P<name>[^/@]+)")
@@ -48,8 +53,12 @@ def _bad(col: str, message: str) -> InvalidInput:
     return InvalidInput(f"input {col!r}: {message}", field=col)
 
 
-def _tensor(tensor: dict, col: str, datatype: str, max_rows: int) -> np.ndarray:
-    """One validated ride column from a V2 input tensor (JSON data, shape [N] or [N, 1])."""
+def _tensor(tensor: dict, col: str, datatype: str, max_rows: int,
+            blob: bytes | None = None) -> np.ndarray:
+    """One validated ride column from a V2 input tensor: JSON data, shape [N] or [N, 1], or
+    raw little-endian bytes (``blob``, the binary tensor extension)."""
+    if blob is not None:
+        return _binary_column(tensor, col, datatype, max_rows, blob)
     shape, data = tensor.get("shape"), tensor.get("data")
     if not (type(shape) is list and type(data) is list and len(shape) == 1
             and type(shape[0]) is int and shape[0] == len(data) and 0 < len(data) <= max_rows
@@ -71,39 +80,91 @@ def _tensor(tensor: dict, col: str, datatype: str, max_rows: int) -> np.ndarray:
     return np.array(data, dtype=np.float64)
 
 
-def _flat_data(tensor: dict, col: str, datatype: str, max_rows: int) -> list:
-    """The data list of any tensor form we accept (shape [N, 1], nested data, another numeric
-    datatype, parameters), or the error that names what is off."""
-    params = tensor.get("parameters")
-    if params is not None and type(params) is not dict:
-        raise _bad(col, "'parameters' must be a JSON object")
-    if params and "binary_data_size" in params:
-        raise _bad(col, "binary tensor data is not supported; send JSON data "
-                        "(tritonclient: set_data_from_numpy(..., binary_data=False))")
+def _shape_and_type(tensor: dict, col: str, datatype: str, max_rows: int) -> tuple[int, str]:
+    """Rows and datatype of a tensor, checked: shape [N] or [N, 1], a numeric datatype."""
     shape = tensor.get("shape")
     if (type(shape) is not list or len(shape) not in (1, 2) or any(type(d) is not int
             for d in shape) or shape[0] < 1 or shape[1:] not in ([], [1])):
         raise _bad(col, f"shape must be [N] or [N, 1] with N >= 1, got {_shown(shape)}")
-    n = shape[0]
-    if n > max_rows:
-        raise PayloadTooLarge(f"{n} rows in one request; the limit is {max_rows}")
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(f"{shape[0]} rows in one request; the limit is {max_rows}")
     kind = tensor.get("datatype")
     if kind not in (INT_TYPES if datatype == "INT64" else FLOAT_TYPES):
         raise _bad(col, f"datatype must be {datatype}, got {_shown(kind)}")
+    return shape[0], kind
+
+
+def _flat_data(tensor: dict, col: str, datatype: str, max_rows: int) -> list:
+    """The data list of any JSON tensor form we accept (shape [N, 1], nested data, another
+    numeric datatype, parameters), or the error that names what is off."""
+    params = tensor.get("parameters")
+    if params is not None and type(params) is not dict:
+        raise _bad(col, "'parameters' must be a JSON object")
+    n, _ = _shape_and_type(tensor, col, datatype, max_rows)
     data = tensor.get("data")
     if type(data) is not list:
         raise _bad(col, f"'data' must be a JSON list, got {type(data).__name__}")
     if data and type(data[0]) is list:  # nested as the shape [N, 1]
         if not all(type(row) is list and len(row) == 1 for row in data):
-            raise _bad(col, f"nested data must match the shape {shape}")
+            raise _bad(col, f"nested data must match the shape {tensor['shape']}")
         data = [row[0] for row in data]
     if len(data) != n:
-        raise _bad(col, f"shape {shape} needs {n} elements, got {len(data)}")
+        raise _bad(col, f"shape {tensor['shape']} needs {n} elements, got {len(data)}")
     return data
 
 
-def parse_infer(payload, max_rows: int) -> tuple[Rides, str | None]:
-    """Rides and request id of a V2 inference request; InvalidInput naming what is wrong."""
+def _binary_column(tensor: dict, col: str, datatype: str, max_rows: int,
+                   blob: bytes) -> np.ndarray:
+    n, kind = _shape_and_type(tensor, col, datatype, max_rows)
+    dtype = np.dtype(NUMPY_TYPES[kind])
+    if len(blob) != n * dtype.itemsize:
+        raise _bad(col, f"binary_data_size {len(blob)} does not hold {n} {kind} values")
+    arr = np.frombuffer(blob, dtype=dtype)
+    if datatype == "INT64":
+        bad = (arr < MIN_LOCATION) | (arr > MAX_LOCATION)
+        if bad.any():
+            raise _bad(col, f"must hold integers in {MIN_LOCATION}..{MAX_LOCATION}, got "
+                            f"{arr[np.argmax(bad)].item()!r}")
+        return arr.astype(np.int64)
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        raise _bad(col, f"must hold finite numbers >= 0, got {arr[np.argmax(bad)].item()!r}")
+    return arr
+
+
+def split_binary(body: bytes) -> tuple[object, bytes]:
+    """The JSON header and the raw tensor bytes after it (Triton's binary tensor extension;
+    the header's end is found by parsing it, as its length header says)."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))  # 1 char per byte
+    except ValueError:
+        return decode_json(body), b""  # not a JSON prefix either: the usual error
+    return decode_json(body[:end]), body[end:]
+
+
+def _binary_parts(inputs: list, blob: bytes) -> list[bytes | None]:
+    """Each input's slice of the raw bytes (None for a JSON input), in request order."""
+    parts, offset = [], 0
+    for i, tensor in enumerate(inputs):
+        params = tensor.get("parameters") if type(tensor) is dict else None
+        size = params.get("binary_data_size") if type(params) is dict else None
+        if size is None:
+            parts.append(None)
+            continue
+        if type(size) is not int or size < 0 or offset + size > len(blob):
+            raise InvalidInput(f"inputs[{i}]: binary_data_size {size!r} is past the "
+                               f"{len(blob)} bytes of binary data")
+        parts.append(blob[offset:offset + size])
+        offset += size
+    if offset != len(blob):
+        raise InvalidInput(f"{len(blob) - offset} bytes of binary data belong to no input")
+    return parts
+
+
+def parse_infer(payload, max_rows: int, blob: bytes = b"") -> tuple[Rides, str | None]:
+    """Rides and request id of a V2 inference request (``blob``: the raw bytes after a binary
+    request's JSON header); InvalidInput naming what is wrong."""
     if type(payload) is not dict:
         raise InvalidInput(f"the body must be a JSON object with 'inputs', got "
                            f"{type(payload).__name__}")
@@ -125,20 +186,22 @@ def parse_infer(payload, max_rows: int) -> tuple[Rides, str | None]:
     if type(inputs) is not list or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors, one per column: "
                            + ", ".join(c for c, _ in INPUTS))
-    by_name: dict[str, dict] = {}
+    parts = _binary_parts(inputs, blob)
+    by_name: dict[str, tuple[dict, bytes | None]] = {}
     for i, tensor in enumerate(inputs):
         name = tensor.get("name") if type(tensor) is dict else None
         if type(name) is not str:
             raise InvalidInput(f"inputs[{i}] must be a tensor object with a 'name'")
         if name in by_name:
             raise InvalidInput(f"input {name!r} is given twice", field=name)
-        by_name[name] = tensor  # other columns are ignored, as in every mode
+        by_name[name] = tensor, parts[i]  # other columns are ignored, as in every mode
     columns = []
     for col, datatype in INPUTS:
         if col not in by_name:
             raise InvalidInput(f"missing input {col!r} (the model takes "
                                f"{', '.join(c for c, _ in INPUTS)})", field=col)
-        columns.append(_tensor(by_name[col], col, datatype, max_rows))
+        tensor, part = by_name[col]
+        columns.append(_tensor(tensor, col, datatype, max_rows, part))
     if len({len(c) for c in columns}) != 1:
         sizes = ", ".join(f"{c} {len(a)}" for (c, _), a in zip(INPUTS, columns, strict=True))
         raise InvalidInput(f"inputs must have the same length: {sizes}")
@@ -238,5 +301,9 @@ class V2:
               content_type: str | None) -> Scoring:
         """``POST /v2/models/{name}[/versions/{v}]/infer``: rides as tensors in, minutes out."""
         self._model(name, version)
-        rides, rid = parse_infer(decode_json(body), self.service.settings.web_max_rows)
+        try:
+            payload, blob = decode_json(body), b""
+        except InvalidInput:  # maybe a JSON header followed by raw tensor bytes
+            payload, blob = split_binary(body)
+        rides, rid = parse_infer(payload, self.service.settings.web_max_rows, blob)
         return Scoring(INFER, rides, partial(_answer, name, version, rid))
