@@ -16,6 +16,7 @@ from serve.predlog import PredictionLog, open_sink
 from serve.web.batching import Batcher
 from serve.web.holder import ModelHolder
 from serve.web.metrics import Metrics
+from serve.web.openapi import openapi_json
 from serve.web.service import Response, Scoring, Service, error_response
 from serve.web.settings import WebSettings
 from serve.web.v2 import V2, v2_error_response
@@ -35,8 +36,10 @@ class WebApp:
         self.service = service
         self.batcher = batcher  # None: every request is predicted on its own
         self.v2 = V2(service)
+        self._openapi = Response(200, openapi_json(service.settings.web_max_rows))
         s = service
         self.routes = {
+            "/openapi.json": ("GET", lambda: self._openapi),
             "/predict": ("POST", s.predict), "/invocations": ("POST", s.invocations),
             "/health": ("GET", s.health), "/ping": ("GET", s.health), "/ready": ("GET", s.ready),
             "/version": ("GET", s.version), "/metrics": ("GET", s.metrics_page),
@@ -78,7 +81,7 @@ class WebApp:
                 endpoint, *route = self.v2.route(path)
             if route is None:
                 raise NotFound(f"no endpoint {path!r}; try POST /predict, POST /invocations, "
-                               f"GET /health, /ready, /version, /metrics")
+                               f"GET /health, /ready, /version, /metrics, /v2: see /openapi.json")
             method, handler = route
             if scope["method"] != method and not (method == "GET" and scope["method"] == "HEAD"):
                 raise MethodNotAllowed(f"{path} takes {method}, got {scope['method']}")

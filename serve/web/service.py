@@ -86,6 +86,22 @@ def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
     return rides_from_rows([parse_ride(payload)]), False
 
 
+def check_finite(minutes: np.ndarray, rows) -> None:
+    """InvalidInput for a ride the model answers with inf or NaN (a distance near the float
+    limit): JSON has no such number, and no ride lasts that long. ``rows``: Rides or the
+    decoded DataFrame, read only to word the message."""
+    if np.isfinite(minutes).all():
+        return
+    row = int(np.argmin(np.isfinite(minutes)))
+    try:
+        distance = rows.distance if isinstance(rows, Rides) else rows["trip_distance"]
+        shown = repr(float(np.asarray(distance)[row]))
+    except Exception:  # noqa: BLE001 - an odd frame: the message goes without the value
+        shown = "of that ride"
+    raise InvalidInput(f"row {row}: trip_distance {shown} is beyond what the model can score "
+                       f"(no finite duration)", field="trip_distance")
+
+
 def _frame_rides(data) -> Rides | None:
     """Ride columns of a DataFrame MLflow decoded and the model accepted (for the log)."""
     try:
@@ -117,6 +133,7 @@ class Service:
 
     def finish(self, job: Scoring, active: Active, minutes: np.ndarray) -> Response:
         """The answer to a scored request (counted, and logged if the log is on)."""
+        check_finite(minutes, job.rides)
         body = job.answer(active, minutes)
         self._record(job.endpoint, active, job.rides, minutes)
         return Response(200, body)
@@ -151,8 +168,13 @@ class Service:
             return Scoring("/invocations", rides, _mlflow_predictions)
         # Everything else takes MLflow's own parser and the pyfunc model, never batched.
         data = mlflow_rows(payload, mime, active.input_schema)
+        if np.ndim(data) == 0:  # e.g. {"inputs": false}: MLflow decodes it to a scalar
+            value = data.item() if isinstance(data, np.generic) else data
+            raise InvalidInput(f"the input must be rows of rides, got the single value "
+                               f"{value!r}"[:200])
         self._check_rows(len(data))
         minutes, out = mlflow_predict(active.loaded.pyfunc, data)
+        check_finite(minutes, data)
         self._record("/invocations", active, _frame_rides(data), minutes)
         return Response(200, out)
 
