@@ -36,13 +36,22 @@ def reuseport_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
     return sock
 
 
-def run_server(settings: WebSettings, log_level: str, sock: socket.socket | None = None) -> None:
-    """Serve the app with uvicorn (uvloop + httptools) until SIGTERM/SIGINT."""
+def run_server(settings: WebSettings, log_level: str, reuse_port: bool = False) -> None:
+    """Serve the app with uvicorn (uvloop + httptools) until SIGTERM/SIGINT.
+
+    ``reuse_port``: load the model first, then open an own ``SO_REUSEPORT`` socket, so the
+    kernel sends this worker connections only once it can answer them.
+    """
     import uvicorn
 
     from serve.web.app import create_app
 
-    config = uvicorn.Config(create_app(settings), host=settings.web_host, port=settings.web_port,
+    app = create_app(settings)
+    sock = None
+    if reuse_port:
+        app.service.holder.poll()  # a failure is retried by the poller once serving
+        sock = reuseport_socket(settings.web_host, settings.web_port)
+    config = uvicorn.Config(app, host=settings.web_host, port=settings.web_port,
                             loop="uvloop", http="httptools", lifespan="on", access_log=False,
                             log_level=log_level, timeout_graceful_shutdown=10)
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
@@ -52,7 +61,7 @@ def _worker(settings_json: str, log_level: str, prepare) -> None:
     """Entry point of one worker process (spawned: it starts from a fresh interpreter)."""
     settings = WebSettings.model_validate_json(settings_json)
     prepare(settings, log_level)
-    run_server(settings, log_level, reuseport_socket(settings.web_host, settings.web_port))
+    run_server(settings, log_level, reuse_port=True)
 
 
 def serve_workers(settings: WebSettings, workers: int, log_level: str, prepare) -> int:
