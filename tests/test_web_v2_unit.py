@@ -92,7 +92,7 @@ BAD = {
     "nested-ragged": ({"inputs": tensors(shape=[2, 1], PULocationID={"data": [[43, 1], [2]]})},
                       "nested"),
     "binary-missing": ({"inputs": tensors(PULocationID={"parameters": {"binary_data_size": 16}})},
-                       "past the 0 bytes"),
+                       "no binary data follows"),
 }
 
 

@@ -66,6 +66,12 @@ def _tensor(tensor: dict, col: str, datatype: str, max_rows: int,
         data = _flat_data(tensor, col, datatype, max_rows)
     # Plain comparisons, no numpy: a one-ride request must cost what /invocations costs. They
     # are false for NaN, and compare a 400-digit integer exactly instead of overflowing.
+    if len(data) == 1:  # one ride: skip the generators
+        v = data[0]
+        if datatype == "INT64" and type(v) is int and MIN_LOCATION <= v <= MAX_LOCATION:
+            return np.array(data, dtype=np.int64)
+        if datatype == "FP64" and (type(v) is float or type(v) is int) and 0 <= v <= MAX_FLOAT:
+            return np.array(data, dtype=np.float64)
     if datatype == "INT64":
         if not all(type(v) is int and MIN_LOCATION <= v <= MAX_LOCATION for v in data):
             bad = next(v for v in data if not (type(v) is int
@@ -100,6 +106,8 @@ def _flat_data(tensor: dict, col: str, datatype: str, max_rows: int) -> list:
     params = tensor.get("parameters")
     if params is not None and type(params) is not dict:
         raise _bad(col, "'parameters' must be a JSON object")
+    if params and "binary_data_size" in params:
+        raise _bad(col, "binary_data_size is set but no binary data follows the JSON")
     n, _ = _shape_and_type(tensor, col, datatype, max_rows)
     data = tensor.get("data")
     if type(data) is not list:
@@ -186,7 +194,7 @@ def parse_infer(payload, max_rows: int, blob: bytes = b"") -> tuple[Rides, str |
     if type(inputs) is not list or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors, one per column: "
                            + ", ".join(c for c, _ in INPUTS))
-    parts = _binary_parts(inputs, blob)
+    parts = _binary_parts(inputs, blob) if blob else None
     by_name: dict[str, tuple[dict, bytes | None]] = {}
     for i, tensor in enumerate(inputs):
         name = tensor.get("name") if type(tensor) is dict else None
@@ -194,7 +202,7 @@ def parse_infer(payload, max_rows: int, blob: bytes = b"") -> tuple[Rides, str |
             raise InvalidInput(f"inputs[{i}] must be a tensor object with a 'name'")
         if name in by_name:
             raise InvalidInput(f"input {name!r} is given twice", field=name)
-        by_name[name] = tensor, parts[i]  # other columns are ignored, as in every mode
+        by_name[name] = tensor, parts and parts[i]  # other columns are ignored, as everywhere
     columns = []
     for col, datatype in INPUTS:
         if col not in by_name:
@@ -213,12 +221,12 @@ def _answer(name: str, version: str | None, rid: str | None, active: Active,
     if version is not None and version != active.version:  # swapped while it waited
         raise NotFound(f"version {version!r} of model {name!r} is no longer served; "
                        f"version {active.version} is")
-    out = {"model_name": name, "model_version": active.version}
-    if rid is not None:
-        out["id"] = rid
-    out["outputs"] = [{"name": OUTPUT, "datatype": "FP64", "shape": [len(minutes)],
-                       "data": minutes.tolist()}]
-    return json.dumps(out).encode()
+    # Spliced, not json.dumps of nested dicts: this is most of a one-ride answer's cost.
+    head = json.dumps({"model_name": name, "model_version": active.version,
+                       **({"id": rid} if rid is not None else {})})[:-1].encode()
+    return b"".join((head, b', "outputs": [{"name": "', OUTPUT.encode(),
+                     b'", "datatype": "FP64", "shape": [', str(len(minutes)).encode(),
+                     b'], "data": ', json.dumps(minutes.tolist()).encode(), b"}]}"))
 
 
 class V2:
@@ -227,9 +235,18 @@ class V2:
     def __init__(self, service: Service, server_version: str = "0.1.0"):
         self.service = service
         self.server_version = server_version
+        self._routes: dict[str, tuple[str, str, Callable]] = {}  # paths seen, bounded
 
     def route(self, path: str) -> tuple[str, str, Callable]:
         """``(endpoint label, method, handler)`` of a ``/v2`` path; NotFound if there is none."""
+        found = self._routes.get(path)
+        if found is None:
+            if len(self._routes) >= 64:  # clients choose the paths: keep the memo small
+                self._routes.clear()
+            found = self._routes[path] = self._route(path)
+        return found
+
+    def _route(self, path: str) -> tuple[str, str, Callable]:
         rest = path.split("/")[2:]
         if rest in ([], [""]):
             return "/v2", "GET", self.server_metadata
