@@ -33,7 +33,9 @@ from ops.procs import free_port, http_ok, spawn, stop
 log = logging.getLogger(__name__)
 
 # MLServer 1.7.1 is the newest release (2025-06); its MLflow runtime loads MLflow 3.17 models.
-MLSERVER_PINS = ("mlserver==1.7.1", "mlserver-mlflow==1.7.1")
+# uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which MLServer's
+# parallel workers call at start: with it, parallel_workers >= 1 never loads a model.
+MLSERVER_PINS = ("mlserver==1.7.1", "mlserver-mlflow==1.7.1", "uvloop==0.21.0")
 MLSERVER_RUNTIME = "mlserver_mlflow.MLflowRuntime"
 
 
