@@ -2,7 +2,7 @@
 
     python train.py --train data/green_tripdata_2021-01.parquet \
                     --val data/green_tripdata_2021-02.parquet
-    mlflow run . --env-manager local -P train=... -P val=...
+    mlflow run . --env-manager local -P train=... -P val=...   # or --env-manager uv (no conda)
 
 ``--train``/``--val`` take a local path, an ``s3://`` URI or an ``https://``
 URL (the public TLC files). The logged model is a pyfunc that takes raw rides;
@@ -39,7 +39,9 @@ from serve.tlc import read_training_frame
 
 log = logging.getLogger("train")
 
-# The files that make up the model's code: copied into the model so it loads anywhere.
+# The models-from-code file logged as the model, and the files of the ``serve`` package it
+# imports: copied into the model (code_paths) so it loads anywhere.
+MODEL_CODE_FILE = Path(__file__).resolve().parent / "serve" / "model_code.py"
 MODEL_CODE = ("__init__.py", "errors.py", "features.py", "model.py")
 
 
@@ -144,9 +146,38 @@ def pip_requirements() -> list[str]:
     import mlflow
     import scipy
     import sklearn
+    import skops
 
     return [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
-            f"pandas=={pd.__version__}", f"numpy=={np.__version__}", f"scipy=={scipy.__version__}"]
+            f"pandas=={pd.__version__}", f"numpy=={np.__version__}", f"scipy=={scipy.__version__}",
+            f"skops=={skops.__version__}"]
+
+
+def model_signature():
+    """The contract: the three ride columns in, minutes out (written, not inferred)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("long", "PULocationID"), ColSpec("long", "DOLocationID"),
+                     ColSpec("double", "trip_distance")])
+    return ModelSignature(inputs, Schema([TensorSpec(np.dtype("float64"), (-1,))]))
+
+
+def model_files(model: RideDurationModel, folder: Path, example) -> dict:
+    """Write what a logged model is made of under ``folder`` and return it as keyword arguments
+    of ``mlflow.pyfunc.log_model``/``save_model``: the models-from-code file, the state as
+    artifacts, the ``serve`` files it imports, the pinned requirements, the signature and
+    ``example`` (a few rides: a DataFrame or records) as the input example."""
+    state = folder / "state"
+    state.mkdir(parents=True)
+    example = pd.DataFrame(example)[list(RIDE_COLUMNS)].reset_index(drop=True)
+    # Object column labels: MLflow compares pandas 3's string labels with a range, which pandas
+    # deprecates (a warning on every run).
+    example.columns = example.columns.astype(object)
+    return {"python_model": str(MODEL_CODE_FILE), "artifacts": model.save_state(state),
+            "code_paths": [str(model_code_dir(folder / "code"))],
+            "pip_requirements": pip_requirements(), "signature": model_signature(),
+            "input_example": example}
 
 
 def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50,
@@ -155,7 +186,6 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
                  seed: int = 0, test: str | None = None) -> dict:
     """Train, log, register and gate one model; returns a summary dict."""
     import mlflow
-    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
     use_tracking_server()
@@ -193,19 +223,9 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
         log.info("train_rmse=%.4f val_rmse=%.4f%s", metrics["train_rmse"], metrics["val_rmse"],
                  f" test_rmse={metrics['test_rmse']:.4f}" if test_df is not None else "")
 
-        example = val_df[list(RIDE_COLUMNS)].head(3).reset_index(drop=True)
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            # Location ids are integers by contract and nulls are rejected before the model.
-            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=ride_model,
-                code_paths=[str(model_code_dir(Path(tmp)))],
-                signature=infer_signature(example, ride_model.predict_frame(example)),
-                input_example=example,
-                pip_requirements=pip_requirements(),
-                registered_model_name=registered_model,
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            info = mlflow.pyfunc.log_model(name="model", registered_model_name=registered_model,
+                                           **model_files(ride_model, Path(tmp), val_df.head(3)))
         version = str(info.registered_model_version)
         client = MlflowClient()
         client.set_model_version_tag(registered_model, version, "val_rmse",

@@ -135,7 +135,7 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
 
     from ops.synth import write_month
     from serve.tlc import read_training_frame
-    from train import build_estimator, fit_model, model_code_dir
+    from train import build_estimator, fit_model, model_files
 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     moto = start_moto(work / "moto.log")
@@ -148,9 +148,10 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         # One model for everybody: trained on a synthetic month, saved as an MLflow model.
         train = write_month("green", "2021-01", 60_000, work / "train.parquet", 0)
         rides = write_month("green", "2021-02", 200_000, work / "rides.parquet", 1)
-        model = fit_model(read_training_frame(str(train)), build_estimator("lr", 0, 0, 0))
-        mlflow.pyfunc.save_model(work / "model", python_model=model,
-                                 code_paths=[str(model_code_dir(work / "code"))])
+        train_df = read_training_frame(str(train))
+        model = fit_model(train_df, build_estimator("lr", 0, 0, 0))
+        mlflow.pyfunc.save_model(work / "model", **model_files(model, work / "files",
+                                                                  train_df.head(3)))
         pyfunc = mlflow.pyfunc.load_model(str(work / "model"))
         events = list(ride_events(read_ride_columns(str(rides))))
 

@@ -26,10 +26,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREDICTIONS_STREAM_NAME=ride_predictions \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
-# mlflow-skinny loads pyfunc models without the server/UI dependencies of full mlflow.
+# mlflow-skinny loads pyfunc models without the server/UI dependencies of full mlflow; skops
+# reads the model's state (full mlflow brings it, skinny does not).
 RUN pip install --no-cache-dir \
         "mlflow-skinny==3.17.2" "scikit-learn==1.9.1" "pandas==3.1.1" "numpy==2.4.6" \
-        "scipy==1.17.1" "boto3==1.44.8" "pydantic-settings==2.16.3" "click==8.5.1"
+        "scipy==1.17.1" "skops==0.16.0" "boto3==1.44.8" "pydantic-settings==2.16.3" \
+        "click==8.5.1"
 
 COPY --from=model / /opt/ml/model/
 COPY serve/ ${LAMBDA_TASK_ROOT}/serve/

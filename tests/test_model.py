@@ -1,17 +1,24 @@
-"""Behaviour of the trained model (no servers): what any sane duration model must do."""
+"""Behaviour of the trained model (no servers): what any sane duration model must do.
+
+Every test runs on the fitted model and on the same model saved the way train.py logs it
+(models from code: source file + skops state artifacts) and loaded back by MLflow.
+"""
 
 from __future__ import annotations
 
 import pickle
+import warnings
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
-from serve.errors import InvalidInput
+from serve.errors import InvalidInput, ModelNotReady
 from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
+from serve.model import RideDurationModel
 from serve.tlc import read_training_frame
-from train import build_estimator, fit_model, scores
+from train import build_estimator, fit_model, model_files, scores
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +27,33 @@ def frames(months):
 
 
 @pytest.fixture(scope="module", params=["lr", "rf"])
-def model(request, frames):
+def fitted(request, frames):
     train_df, _ = frames
     if request.param == "rf":
         train_df = train_df.sample(15_000, random_state=0)
     return fit_model(train_df, build_estimator(request.param, 20, 12, 5))
+
+
+EXAMPLE = [{"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}]
+
+
+def save_and_load(model: RideDurationModel, folder) -> mlflow.pyfunc.PyFuncModel:
+    """``model`` saved as train.py logs it (no warning, no pickle) and loaded by MLflow."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlflow.pyfunc.save_model(folder / "model", **model_files(model, folder / "files",
+                                                                    EXAMPLE))
+    return mlflow.pyfunc.load_model(str(folder / "model"))
+
+
+@pytest.fixture(scope="module")
+def logged(fitted, tmp_path_factory):
+    return save_and_load(fitted, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(params=["fitted", "logged"])
+def model(request, fitted, logged):
+    return fitted if request.param == "fitted" else logged.unwrap_python_model()
 
 
 def test_longer_trip_between_same_zones_is_not_shorter(model, frames):
@@ -86,3 +115,24 @@ def test_pickle_round_trip_rebuilds_lookup_tables(model, frames):
     assert set(clone.__getstate__()) == {"vectorizer", "estimator"}
     np.testing.assert_array_equal(clone.predict_frame(val_df[list(RIDE_COLUMNS)]),
                                   model.predict_frame(val_df))
+
+
+def test_logged_model_is_code_and_state_not_a_pickle(fitted, logged, frames):
+    _, val_df = frames
+    flavor = logged.metadata.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert flavor["model_code_path"].endswith("model_code.py") and "python_model" not in flavor
+    assert set(flavor["artifacts"]) == {"vectorizer", "estimator"}
+    loaded = logged.unwrap_python_model()
+    assert type(loaded) is RideDurationModel and loaded is not fitted
+    np.testing.assert_array_equal(loaded.predict_frame(val_df), fitted.predict_frame(val_df))
+    np.testing.assert_array_equal(logged.predict(val_df[list(RIDE_COLUMNS)]),
+                                  fitted.predict_frame(val_df))
+
+
+def test_load_context_without_state_is_not_ready():
+    class Context:
+        artifacts: dict = {}
+
+    with pytest.raises(ModelNotReady, match="vectorizer"):
+        RideDurationModel().load_context(Context())

@@ -310,10 +310,10 @@ def test_checkpoints_round_trip_atomically(tmp_path):
 # -- Lambda adapter ---------------------------------------------------------------------
 def test_lambda_handler_dry_run_from_a_local_model(model, tmp_path, monkeypatch):
     import serve.lambda_function as lf
-    from train import model_code_dir
+    from train import model_files
 
-    code = model_code_dir(tmp_path / "code")
-    mlflow.pyfunc.save_model(tmp_path / "model", python_model=model, code_paths=[str(code)])
+    mlflow.pyfunc.save_model(tmp_path / "model", **model_files(model, tmp_path / "files",
+                                                                  [RIDE_A, RIDE_B]))
     monkeypatch.setenv("MODEL_LOCATION", str(tmp_path / "model"))
     monkeypatch.setenv("MODEL_VERSION", "3")
     monkeypatch.setenv("TEST_RUN", "true")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -21,13 +26,19 @@ from mlflow.tracking import MlflowClient
 
 import train
 from ops.procs import free_port, http_ok, start, stop, wait_for
-from serve.features import RIDE_COLUMNS
+from serve.features import RIDE_COLUMNS, validate_rides
+from serve.registry import experiment_id, load_model
 from serve.tlc import read_training_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RIDES = [{"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8},
          {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 0.9},
          {"PULocationID": 7, "DOLocationID": 260, "trip_distance": 11.5}]
+# A version logged by train.py before models from code (cloudpickled RideDurationModel), with
+# the predictions it made then: see tests/fixtures/cloudpickled_model/README.md.
+LEGACY = ROOT / "tests" / "fixtures" / "cloudpickled_model"
+# What a user reads as a warning: logging's "WARNING" and Python's "<Category>Warning: ...".
+WARNING_LINE = re.compile(r"\bWARNING\b|\w*Warning: ")
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +50,24 @@ def client_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def warning_lines(output: str) -> list[str]:
+    """The lines of a command's output that a user would read as a warning."""
+    return [line for line in output.splitlines() if WARNING_LINE.search(line)]
+
+
+def predict_in_fresh_process(uri: str, tracking_uri: str, folder: Path,
+                             rides: list[dict] = RIDES) -> list[float]:
+    """Predictions for ``rides`` from a new interpreter in ``folder`` (outside the repository,
+    so the model's own code is what gets imported), with nothing but PATH, HOME and the URI."""
+    code = ("import mlflow, pandas as pd, json, sys; "
+            f"m = mlflow.pyfunc.load_model({uri!r}); "
+            f"print(json.dumps(m.predict(pd.DataFrame({rides!r})).tolist()))")
+    env = {"PATH": os.environ["PATH"], "HOME": str(folder), "MLFLOW_TRACKING_URI": tracking_uri}
+    out = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_production_loads_by_alias_and_by_stage(registered_model, months):
     by_alias = mlflow.pyfunc.load_model("models:/duration@production")
     with warnings.catch_warnings():
@@ -47,6 +76,14 @@ def test_production_loads_by_alias_and_by_stage(registered_model, months):
     df = pd.DataFrame(RIDES)
     np.testing.assert_array_equal(by_alias.predict(df), by_stage.predict(df))
     assert by_alias.metadata.get_input_schema().input_names() == list(RIDE_COLUMNS)
+    # Logged from code: the model file plus its state as artifacts, nothing pickled.
+    flavor = by_alias.metadata.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert set(flavor["artifacts"]) == {"vectorizer", "estimator"}
+    assert by_alias.metadata.saved_input_example_info["type"] == "dataframe"
+    model = by_alias.unwrap_python_model()
+    assert model.estimator.n_jobs == 1  # the served estimator never starts threads
+    np.testing.assert_array_equal(model.predict_rides(validate_rides(df)), by_alias.predict(df))
     run = MlflowClient().get_run(registered_model["run_id"])
     for key in ("train_rmse", "train_mae", "val_rmse", "val_mae", "train_rows", "val_rows"):
         assert key in run.data.metrics, key
@@ -56,16 +93,66 @@ def test_production_loads_by_alias_and_by_stage(registered_model, months):
 
 def test_model_loads_in_a_fresh_process_outside_the_repo(registered_model, tracking_server,
                                                          tmp_path):
-    code = ("import mlflow, pandas as pd, json, sys; "
-            "m = mlflow.pyfunc.load_model('models:/duration@production'); "
-            f"print(json.dumps(m.predict(pd.DataFrame({RIDES!r})).tolist()))")
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
-           "MLFLOW_TRACKING_URI": tracking_server.uri}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
-                         capture_output=True, text=True, timeout=120)
-    preds = [float(x) for x in out.stdout.strip().splitlines()[-1].strip("[]").split(",")]
+    preds = predict_in_fresh_process("models:/duration@production", tracking_server.uri,
+                                     tmp_path)
     local = mlflow.pyfunc.load_model("models:/duration@production").predict(pd.DataFrame(RIDES))
     np.testing.assert_allclose(preds, local, rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def legacy_version(tracking_server) -> dict:
+    """The committed cloudpickled version, registered as version 1 of ``duration-legacy``."""
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    with mlflow.start_run(experiment_id=experiment_id("duration-legacy")) as run:
+        mlflow.log_artifacts(str(LEGACY / "model"), "model")
+    mv = mlflow.register_model(f"runs:/{run.info.run_id}/model", "duration-legacy")
+    return {"uri": f"models:/duration-legacy/{mv.version}", **expected}
+
+
+def test_a_version_logged_before_models_from_code_loads_and_predicts_the_same(legacy_version):
+    loaded = load_model(legacy_version["uri"])  # what web, batch and stream do
+    flavor = loaded.pyfunc.metadata.flavors["python_function"]
+    assert flavor["python_model"] == "python_model.pkl" and "artifacts" not in flavor
+    rides = pd.DataFrame(legacy_version["rides"])
+    expected = legacy_version["predictions"]
+    np.testing.assert_allclose(loaded.pyfunc.predict(rides), expected, rtol=0, atol=1e-12)
+    fast = loaded.python_model.predict_rides(validate_rides(rides))  # the pandas-free path
+    np.testing.assert_allclose(fast, expected, rtol=0, atol=1e-12)
+    assert loaded.python_model.estimator.n_jobs == 1
+
+
+def test_a_version_logged_before_models_from_code_loads_in_a_fresh_process(
+        legacy_version, tracking_server, tmp_path):
+    preds = predict_in_fresh_process(legacy_version["uri"], tracking_server.uri, tmp_path,
+                                     legacy_version["rides"])
+    np.testing.assert_allclose(preds, legacy_version["predictions"], rtol=0, atol=1e-12)
+
+
+def test_training_emits_no_warning(tracking_server, months, tmp_path):
+    """Two normal runs (the second loads the champion to compare): every Python warning is an
+    error and nothing reaches MLflow's loggers at WARNING."""
+    records: list[logging.LogRecord] = []
+    watcher = logging.Handler(logging.WARNING)
+    watcher.emit = records.append
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.addHandler(watcher)
+    try:
+        # The watcher sees the warning the code path before models from code caused.
+        small = read_training_frame(str(months.val)).head(500)
+        fitted = train.fit_model(small, train.build_estimator("lr", 0, 0, 0))
+        mlflow.pyfunc.save_model(tmp_path / "pickled", python_model=fitted)
+        assert any("CloudPickle" in r.getMessage() for r in records)
+        records.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first = train.run_training(str(months.train), str(months.val), train_rows=2000,
+                                       registered_model="duration-quiet")
+            second = train.run_training(str(months.train), str(months.val),
+                                        registered_model="duration-quiet")
+    finally:
+        mlflow_logger.removeHandler(watcher)
+    assert [f"{r.name}: {r.getMessage()}" for r in records] == []
+    assert first["promoted"] and second["promoted"] and second["version"] == "2"
 
 
 def test_promotion_gate(tracking_server, months):
@@ -103,6 +190,7 @@ def mlflow_run_model(tracking_server, months):
         env=client_env(MLFLOW_TRACKING_URI=tracking_server.uri))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "promoted (first production version)" in res.stdout
+    assert warning_lines(res.stdout + res.stderr) == []
     return name
 
 
@@ -149,10 +237,23 @@ def _bodies() -> list[tuple[str, str | dict]]:
     ]
 
 
+@pytest.fixture(params=["local", "built"])
+def scoring_servers(request) -> dict[str, str]:
+    """model URI -> URL of `mlflow models serve` processes: with `--env-manager local` (the
+    model of `mlflow run`), or in environments MLflow built (`models:/duration/Production`)."""
+    if request.param == "local":
+        return request.getfixturevalue("served")
+    urls = request.getfixturevalue("served_in_envs")["urls"]
+    return {f"models:/duration/Production ({manager})": url for manager, url in urls.items()}
+
+
 @pytest.mark.parametrize(("form", "body"), _bodies(), ids=[b[0] for b in _bodies()])
-def test_mlflow_models_serve_answers_every_form(served, form, body):
-    local = mlflow.pyfunc.load_model(next(iter(served))).predict(pd.DataFrame(RIDES)).tolist()
-    for url in served.values():
+def test_mlflow_models_serve_answers_every_form(scoring_servers, form, body):
+    uri = next(iter(scoring_servers)).split(" ")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stage URIs
+        local = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(RIDES)).tolist()
+    for url in scoring_servers.values():
         if form == "csv":
             resp = requests.post(f"{url}/invocations", data=body,
                                  headers={"Content-Type": "text/csv"}, timeout=30)
@@ -162,12 +263,89 @@ def test_mlflow_models_serve_answers_every_form(served, form, body):
         np.testing.assert_allclose(resp.json()["predictions"], local, rtol=0, atol=1e-12)
 
 
-def test_mlflow_models_serve_rejects_a_ride_without_a_field(served):
-    for url in served.values():
+def test_mlflow_models_serve_rejects_a_ride_without_a_field(scoring_servers):
+    for url in scoring_servers.values():
         ride = {"PULocationID": 43, "trip_distance": 1.8}
         resp = requests.post(f"{url}/invocations", json={"dataframe_records": [ride]}, timeout=30)
         assert 400 <= resp.status_code < 500
         assert "DOLocationID" in resp.json()["message"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_run_uv(tracking_server, months, tmp_path_factory):
+    """`mlflow run . --env-manager uv` on a machine without conda: MLflow builds the project's
+    environment from conda.yaml's pip list with uv (packages from uv's cache) in a fresh env
+    root, and train.py runs in it."""
+    name = "duration-uv"
+    env_root = tmp_path_factory.mktemp("uv-run-envs")
+    res = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "uv",
+         "--experiment-name", name, "-P", f"train={months.train}", "-P", f"val={months.val}",
+         "-P", f"registered_model={name}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=500,
+        env=client_env(MLFLOW_TRACKING_URI=tracking_server.uri, MLFLOW_ENV_ROOT=str(env_root)))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return {"name": name, "env_root": env_root, "output": res.stdout + res.stderr,
+            "stdout": res.stdout}
+
+
+def test_mlflow_run_with_uv_trains_in_its_own_environment(mlflow_run_uv, mlflow_run_model):
+    out = mlflow_run_uv["output"]
+    assert "promoted (first production version)" in mlflow_run_uv["stdout"]
+    assert warning_lines(out) == []
+    envs = [p for p in mlflow_run_uv["env_root"].iterdir() if (p / "bin" / "python").exists()]
+    assert len(envs) == 1 and f"source {envs[0]}/bin/activate && python train.py" in out
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(mlflow_run_uv["name"])
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["mlflow.project.env"] == "uv"
+    # Same data, same estimator as the --env-manager local run: the same model.
+    local = client.search_runs([client.get_experiment_by_name("duration-cli").experiment_id])[0]
+    assert run.data.metrics["val_rmse"] == pytest.approx(local.data.metrics["val_rmse"],
+                                                         rel=1e-9)
+    assert client.get_model_version_by_alias(mlflow_run_uv["name"], "production").version == "1"
+
+
+@pytest.fixture(scope="module")
+def served_in_envs(registered_model, tracking_server, tmp_path_factory):
+    """`mlflow models serve -m models:/duration/Production` with MLflow's default env manager
+    (virtualenv: pyenv for the model's Python, then pip) and with `--env-manager uv`, each
+    building the model's environment in its own fresh root; started side by side."""
+    if shutil.which("pyenv") is None:  # the default env manager cannot work without it
+        pytest.skip("MLflow's default env manager (virtualenv) needs pyenv on PATH")
+    work = tmp_path_factory.mktemp("serve-envs")
+    managers = {"default": [], "uv": ["--env-manager", "uv"]}
+    urls, procs = {}, []
+    for manager, option in managers.items():
+        port = free_port()
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+               "models:/duration/Production", "-h", "127.0.0.1", "-p", str(port), *option]
+        env = client_env(MLFLOW_ENV_ROOT=str(work / f"{manager}-envs"))
+        procs.append(start(cmd, work / f"{manager}.log", env=env))
+        urls[manager] = f"http://127.0.0.1:{port}"
+    try:
+        # One bound for both (building the environment with pip took 92 s here).
+        deadline = time.monotonic() + 480
+        for proc, (manager, url) in zip(procs, urls.items(), strict=True):
+            wait_for(http_ok(f"{url}/ping"), f"mlflow models serve ({manager})",
+                     timeout=max(1.0, deadline - time.monotonic()), proc=proc)
+        yield {"urls": urls, "work": work}
+    finally:
+        for proc in procs:
+            stop(proc.pid)
+
+
+def test_mlflow_models_serve_builds_the_model_environment(served_in_envs):
+    work = served_in_envs["work"]
+    logs = {m: (work / f"{m}.log").read_text(errors="replace") for m in served_in_envs["urls"]}
+    for manager, log in logs.items():
+        root = work / f"{manager}-envs"
+        assert f"Creating a new environment in {root}/" in log, log[-3000:]
+        (env,) = root.iterdir()
+        assert (env / "bin" / "python").exists()
+    # virtualenv: the model's Python from pyenv, then pip; uv: uv for both.
+    assert "Installing python 3." in logs["default"] and "using uv" not in logs["default"]
+    assert "using uv" in logs["uv"]
 
 
 @pytest.fixture
