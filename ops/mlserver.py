@@ -41,7 +41,8 @@ MLSERVER_RUNTIME = "mlserver_mlflow.MLflowRuntime"
 
 def pins() -> list[str]:
     """MLServer's pins plus the versions the model needs to unpickle exactly as trained."""
-    same = [f"{p}=={version(p)}" for p in ("mlflow", "scikit-learn", "numpy", "pandas", "scipy")]
+    same = [f"{p}=={version(p)}" for p in ("mlflow", "scikit-learn", "numpy", "pandas", "scipy",
+                                           "skops")]
     return [*MLSERVER_PINS, *same]
 
 
