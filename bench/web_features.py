@@ -5,7 +5,7 @@ On a throwaway embedded tracking server it registers the linear model (``duratio
 with wrk (one thread; wrk and the server share the 2 cores) and prints, from this one run:
 
 * V2 ``/v2/models/duration/infer`` vs ``/invocations``, one ride, 8 connections (target:
-  V2 within 10%);
+  V2 within 10%; best of 3 alternated runs each);
 * adaptive batching on the linear model, 8 connections (it should not pay: default off);
 * the random forest at 64 connections, unbatched vs ``--max-batch-size 64``;
 * ``--workers 2`` (a ``SO_REUSEPORT`` socket per process) vs one process vs
@@ -78,10 +78,15 @@ def main(seconds: int, train_rows: int) -> None:
             stop(bench.pid)  # free the cores for the next server
 
         url = serve("serve-web")
-        a = load(url + "/invocations", inv, "linear /invocations")
-        b = load(url + "/v2/models/duration/infer", v2, "linear V2 /infer")
+        rounds = [(load(url + "/invocations", inv, "linear /invocations"),
+                   load(url + "/v2/models/duration/infer", v2, "linear V2 /infer"))
+                  for _ in range(3)]  # alternated: the machine's noise hits both alike
         done()
-        click.echo("\none ride, 8 keep-alive connections\n  " + a.line() + "\n  " + b.line())
+        a = max((r[0] for r in rounds), key=lambda x: x.rps)
+        b = max((r[1] for r in rounds), key=lambda x: x.rps)
+        click.echo("\none ride, 8 keep-alive connections (best of 3 alternated runs each: "
+                   + ", ".join(f"{x.rps:,.0f}/{y.rps:,.0f}" for x, y in rounds) + ")\n  "
+                   + a.line() + "\n  " + b.line())
         click.echo(ratio(b, a, "V2 / invocations") + " (target >= 0.90)")
 
         url = serve("serve-web-batched", "--max-batch-size", "64", "--max-batch-delay-ms", "2")
