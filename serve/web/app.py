@@ -37,6 +37,8 @@ class WebApp:
         self.batcher = batcher  # None: every request is predicted on its own
         self.v2 = V2(service)
         self._openapi = Response(200, openapi_json(service.settings.web_max_rows))
+        # Requests handed to the app and responses it sent: equal at a clean stop (logged).
+        self.received = self.answered = 0
         s = service
         self.routes = {
             "/openapi.json": ("GET", lambda: self._openapi),
@@ -62,6 +64,8 @@ class WebApp:
                     self.service.predlog.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                log.info("stopped: %d requests received, %d answered", self.received,
+                         self.answered)
                 self.service.holder.stop()
                 if self.batcher is not None:
                     await self.batcher.close()
@@ -72,6 +76,7 @@ class WebApp:
 
     async def http(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
+        self.received += 1
         path = scope["path"]
         route = self.routes.get(path)
         endpoint = path if route else "other"
@@ -109,6 +114,7 @@ class WebApp:
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", str(len(response.body)).encode())]})
         await send({"type": "http.response.body", "body": response.body})
+        self.answered += 1
         self.service.metrics.observe(endpoint, response.status, time.perf_counter() - t0)
 
     async def _read(self, scope, receive) -> tuple[str | None, bytes]:

@@ -37,24 +37,20 @@ def reuseport_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
 
 
 def run_server(settings: WebSettings, log_level: str, reuse_port: bool = False) -> None:
-    """Serve the app with uvicorn (uvloop + httptools) until SIGTERM/SIGINT.
+    """Serve the app (:func:`serve.web.server.serve`: uvicorn, drain on SIGTERM, exit 0).
 
     ``reuse_port``: load the model first, then open an own ``SO_REUSEPORT`` socket, so the
     kernel sends this worker connections only once it can answer them.
     """
-    import uvicorn
-
     from serve.web.app import create_app
+    from serve.web.server import serve
 
     app = create_app(settings)
     sock = None
     if reuse_port:
         app.service.holder.poll()  # a failure is retried by the poller once serving
         sock = reuseport_socket(settings.web_host, settings.web_port)
-    config = uvicorn.Config(app, host=settings.web_host, port=settings.web_port,
-                            loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                            log_level=log_level, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    serve(app, settings.web_host, settings.web_port, log_level, sock=sock)
 
 
 def _worker(settings_json: str, log_level: str, prepare) -> None:
