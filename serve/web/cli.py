@@ -9,6 +9,7 @@ import click
 
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
+from serve.urls import masked
 from serve.web.settings import WebSettings
 from serve.web.workers import run_server, serve_workers
 
@@ -81,7 +82,7 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
                 f"{settings.web_max_batch_delay_ms:g} ms" if settings.web_max_batch_size
                 else "no batching")
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s, %s, %d worker%s)",
-             settings.model_uri, settings.web_host, settings.web_port, tracking_uri,
+             settings.model_uri, settings.web_host, settings.web_port, masked(tracking_uri),
              settings.web_poll_interval, batching, settings.web_workers,
              "s" if settings.web_workers > 1 else "")
     if settings.web_workers > 1:
