@@ -74,11 +74,12 @@ def _ms(text: str) -> float:
     return float(m[1]) * UNITS[m[2]]
 
 
-def wrk(url: str, lua: Path, seconds: int, name: str) -> Load:
-    """Run ``wrk -t1 -c8`` and parse requests/s, p50, p99 and non-2xx answers."""
-    out = subprocess.run([need_wrk(), "-t1", "-c8", f"-d{seconds}s", "--latency", "-s", str(lua),
-                          url], capture_output=True, text=True, check=True).stdout
-    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+def wrk(url: str, lua: Path, seconds: int, name: str, connections: int = 8) -> Load:
+    """Run ``wrk -t1 -c{connections}`` and parse requests/s, p50, p99 and non-2xx answers."""
+    out = subprocess.run([need_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-s", str(lua), url], capture_output=True, text=True,
+                         check=True).stdout
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))  # "1.03s "
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])

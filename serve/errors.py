@@ -94,3 +94,9 @@ class ModelFailed(DurationError):
 
     error_code = "MODEL_ERROR"
     status_code = 500
+
+
+class QueueFull(Overloaded):
+    """The adaptive-batching queue is at its bound: shed the request (503, retry later)."""
+
+    error_code = "QUEUE_FULL"

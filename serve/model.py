@@ -100,6 +100,7 @@ class RideDurationModel(PythonModel):
                 pu, do = name[len(PU_DO_PREFIX):].split("_")
                 pair_col[int(pu) * KEY_BASE + int(do)] = col
         self._pair_col = pair_col
+        self._trees = _forest_trees(self.estimator)
         coef = getattr(self.estimator, "coef_", None)
         self._linear = coef is not None and np.ndim(coef) == 1 and hasattr(
             self.estimator, "intercept_"
@@ -135,6 +136,8 @@ class RideDurationModel(PythonModel):
             return (self._pair_coef[pair_keys(rides)] + rides.distance * self._distance_coef) + (
                 self._intercept
             )
+        if self._trees is not None:
+            return _forest_predict(self.estimator, self._trees, self.transform(rides))
         return np.asarray(self.estimator.predict(self.transform(rides)), dtype=np.float64)
 
     def predict_frame(self, df: pd.DataFrame) -> np.ndarray:
@@ -157,3 +160,26 @@ class RideDurationModel(PythonModel):
                 f"got {type(model_input).__name__}"
             )
         return self.predict_frame(model_input)
+
+
+def _forest_trees(estimator) -> list | None:
+    """The trees of a fitted single-output forest regressor served one call at a time."""
+    from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
+
+    if (isinstance(estimator, (RandomForestRegressor, ExtraTreesRegressor))
+            and getattr(estimator, "n_outputs_", 0) == 1 and getattr(estimator, "n_jobs", 1)
+            in (None, 1)):
+        return list(estimator.estimators_)
+    return None
+
+
+def _forest_predict(forest, trees: list, X) -> np.ndarray:
+    """``forest.predict(X)`` without joblib's dispatch around every tree: the same sum of the
+    same tree predictions in the same order, so the same bits, ~4x faster for one ride (the
+    dispatch, not the trees, is most of a small call's cost)."""
+    X = forest._validate_X_predict(X)
+    out = np.zeros(X.shape[0], dtype=np.float64)
+    for tree in trees:
+        out += tree.predict(X, check_input=False)
+    out /= len(trees)
+    return out

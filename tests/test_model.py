@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from serve.errors import InvalidInput, ModelNotReady
-from serve.features import RIDE_COLUMNS, ride_dicts
+from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
 from serve.model import RideDurationModel
 from serve.tlc import read_training_frame
 from train import build_estimator, fit_model, model_files, scores
@@ -88,6 +88,14 @@ def test_predictions_equal_the_course_pipeline(model, frames):
     _, val_df = frames
     course = model.estimator.predict(model.vectorizer.transform(ride_dicts(val_df)))
     np.testing.assert_allclose(model.predict_frame(val_df), course, rtol=0, atol=1e-9)
+
+
+def test_served_predictions_are_the_estimators_bit_for_bit(model, frames):
+    _, val_df = frames
+    for n in (1, 7, len(val_df)):  # the forest's own loop replaces its predict: same bits
+        rides = validate_rides(val_df.head(n))
+        expected = model.estimator.predict(model.transform(rides))
+        np.testing.assert_array_equal(model.predict_rides(rides), expected)
 
 
 def test_pyfunc_entry_accepts_frames_records_and_rejects_the_rest(model):

@@ -41,6 +41,19 @@ class Metrics:
         self.log_dropped = Gauge("duration_prediction_log_dropped_batches",
                                  "Prediction-log batches dropped because the writer fell behind.",
                                  registry=self.registry)
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+        self.batch_rows = Histogram("duration_batch_rows",
+                                    "Rides per coalesced predict call (adaptive batching).",
+                                    registry=self.registry, buckets=sizes)
+        self.batch_requests = Histogram("duration_batch_requests",
+                                        "Requests per coalesced predict call (adaptive batching).",
+                                        registry=self.registry, buckets=sizes)
+        self.batch_queue_depth = Gauge("duration_batch_queue_depth",
+                                       "Requests waiting for the next coalesced predict call.",
+                                       registry=self.registry)
+        self.batch_queue_full = Counter("duration_batch_queue_full",
+                                        "Requests refused because the batching queue was full.",
+                                        registry=self.registry)
         self._children: dict[tuple[str, int], tuple] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:

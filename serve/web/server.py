@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -55,16 +56,20 @@ def _exit_cleanly(signum, frame) -> None:
     os._exit(0)
 
 
-def serve(app, host: str, port: int, log_level: str, drain_timeout: float = 8.0) -> None:
+def serve(app, host: str, port: int, log_level: str, drain_timeout: float = 8.0,
+          sock: socket.socket | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT (then drain for up to ``drain_timeout`` seconds and
-    exit 0); exit 3 if it cannot start."""
+    exit 0); exit 3 if it cannot start.
+
+    ``sock``: an already listening socket to serve on (a ``--workers`` process's own
+    ``SO_REUSEPORT`` socket) instead of binding ``host:port``."""
     config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http=DurationHttpProtocol,
                             ws="none", lifespan="on", access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout)
     signal.signal(signal.SIGTERM, _exit_cleanly)  # also before uvicorn installs its handler
     server = DrainingServer(config)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after its graceful shutdown
         pass
     if not server.started:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,29 @@ def error_response(err: DurationError, close: bool = False) -> Response:
     return Response(err.status_code, json.dumps(err.to_dict()).encode(), headers=headers)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """A validated request waiting for its minutes: what the app predicts (inline, or coalesced
+    with its neighbours by the batcher) and how to answer once it has them."""
+
+    endpoint: str
+    rides: Rides
+    answer: Callable[[Active, np.ndarray], bytes]  # the 200 body; may raise a DurationError
+
+
+def _one_duration(active: Active, minutes: np.ndarray) -> bytes:
+    return json.dumps({"duration": float(minutes[0]), "model_version": active.version}).encode()
+
+
+def _many_durations(active: Active, minutes: np.ndarray) -> bytes:
+    return json.dumps({"predictions": [{"duration": m} for m in minutes.tolist()],
+                       "model_version": active.version}).encode()
+
+
+def _mlflow_predictions(active: Active, minutes: np.ndarray) -> bytes:
+    return encode_predictions(minutes)
+
+
 def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
     """Rides of a ``/predict`` body and whether it was the ``{"rides": [...]}`` form."""
     if isinstance(payload, dict) and "rides" in payload:
@@ -79,6 +103,22 @@ def parse_predict(payload, max_rows: int) -> tuple[Rides, bool]:
                 raise InvalidInput(f"rides[{i}]: {e.message}", field=e.field) from e
         return rides_from_rows(rows), True
     return rides_from_rows([parse_ride(payload)]), False
+
+
+def check_finite(minutes: np.ndarray, rows) -> None:
+    """InvalidInput for a ride the model answers with inf or NaN (a distance near the float
+    limit): JSON has no such number, and no ride lasts that long. ``rows``: Rides or the
+    decoded DataFrame, read only to word the message."""
+    if np.isfinite(minutes).all():
+        return
+    row = int(np.argmin(np.isfinite(minutes)))
+    try:
+        distance = rows.distance if isinstance(rows, Rides) else rows["trip_distance"]
+        shown = repr(float(np.asarray(distance)[row]))
+    except Exception:  # noqa: BLE001 - an odd frame: the message goes without the value
+        shown = "of that ride"
+    raise InvalidInput(f"row {row}: trip_distance {shown} is beyond what the model can score "
+                       f"(no finite duration)", field="trip_distance")
 
 
 def _frame_rides(data) -> Rides | None:
@@ -110,23 +150,33 @@ class Service:
         if self.predlog is not None and rides is not None:
             self.predlog.put(LoggedBatch(time.time(), endpoint, active.version, rides, minutes))
 
-    def predict(self, body: bytes, content_type: str | None) -> Response:
+    def finish(self, job: Scoring, active: Active, minutes: np.ndarray) -> Response:
+        """The answer to a scored request (counted, and logged if the log is on)."""
+        check_finite(minutes, job.rides)
+        body = job.answer(active, minutes)
+        self._record(job.endpoint, active, job.rides, minutes)
+        return Response(200, body)
+
+    def score(self, job: Scoring) -> Response:
+        """Predict one request on its own (no batching) and answer it."""
+        active = self.holder.require()
+        return self.finish(job, active, self._predict_rides(active, job.rides))
+
+    def respond(self, handler: Callable, body: bytes, content_type: str | None) -> Response:
+        """Run an endpoint to the end, predicting inline (for bodies scored off the event loop)."""
+        out = handler(body, content_type)
+        return self.score(out) if isinstance(out, Scoring) else out
+
+    def predict(self, body: bytes, content_type: str | None) -> Scoring:
         """``POST /predict``: course-compatible rides in, minutes and model version out."""
         if media_type(content_type) != CONTENT_TYPE_JSON:
             raise UnsupportedMediaType(f"/predict takes {CONTENT_TYPE_JSON}, got {content_type!r}")
         payload = decode_json(body)
         rides, many = parse_predict(payload, self.settings.web_max_rows)
-        active = self.holder.require()
-        minutes = self._predict_rides(active, rides)
-        self._record("/predict", active, rides, minutes)
-        if many:
-            out = {"predictions": [{"duration": m} for m in minutes.tolist()],
-                   "model_version": active.version}
-        else:
-            out = {"duration": float(minutes[0]), "model_version": active.version}
-        return Response(200, json.dumps(out).encode())
+        self.holder.require()  # 503 before the first load, after the 4xx checks
+        return Scoring("/predict", rides, _many_durations if many else _one_duration)
 
-    def invocations(self, body: bytes, content_type: str | None) -> Response:
+    def invocations(self, body: bytes, content_type: str | None) -> Response | Scoring:
         """``POST /invocations``: the MLflow scoring protocol, same bytes as MLflow on success."""
         mime = media_type(content_type)
         payload = decode_json(body) if mime == CONTENT_TYPE_JSON else body
@@ -134,15 +184,19 @@ class Service:
         rides = fast_rides(payload) if mime == CONTENT_TYPE_JSON else None
         if rides is not None:
             self._check_rows(len(rides))
-            minutes = self._predict_rides(active, rides)
-            self._record("/invocations", active, rides, minutes)
-            return Response(200, encode_predictions(minutes))
+            return Scoring("/invocations", rides, _mlflow_predictions)
+        # Everything else takes MLflow's own parser and the pyfunc model, never batched.
         data = mlflow_rows(payload, mime, active.input_schema, self.settings.web_max_rows)
+        if np.ndim(data) == 0:  # e.g. {"inputs": false}: MLflow decodes it to a scalar
+            value = data.item() if isinstance(data, np.generic) else data
+            raise InvalidInput(f"the input must be rows of rides, got the single value "
+                               f"{value!r}"[:200])
         self._check_rows(len(data))
         try:
             minutes, out = mlflow_predict(active.loaded.pyfunc, data)
         except ModelFailed as e:
-            raise self._model_failed(active, e.__cause__ or e) from e.__cause__
+            raise self.model_failed(active, e.__cause__ or e) from e.__cause__
+        check_finite(minutes, data)
         self._record("/invocations", active, _frame_rides(data), minutes)
         return Response(200, out)
 
@@ -152,9 +206,9 @@ class Service:
         except DurationError:
             raise
         except Exception as e:  # noqa: BLE001 - validated rides: the model is at fault
-            raise self._model_failed(active, e) from e
+            raise self.model_failed(active, e) from e
 
-    def _model_failed(self, active: Active, cause: BaseException) -> ModelFailed:
+    def model_failed(self, active: Active, cause: BaseException) -> ModelFailed:
         """Count and log (with its traceback) a failure of the model; the client gets a
         generic 500."""
         self.metrics.model_errors.labels(active.version).inc()

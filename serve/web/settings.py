@@ -29,3 +29,10 @@ class WebSettings(Settings):
                          "waits 10 s before SIGKILL).")
     web_log_predictions: str | None = Field(
         None, description="Prediction log: .jsonl file, parquet folder or SQLAlchemy URL.")
+    web_max_batch_size: int = Field(
+        0, ge=0, description="Adaptive batching: most rides per coalesced predict call (0 = off).")
+    web_max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="Adaptive batching: longest a request waits for company (ms).")
+    web_max_batch_queue: int = Field(
+        1024, ge=1, description="Adaptive batching: requests waiting at most (503 QUEUE_FULL).")
+    web_workers: int = Field(1, ge=1, description="Server processes (SO_REUSEPORT sockets).")
