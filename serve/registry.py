@@ -216,3 +216,37 @@ def experiment_id(name: str, client=None) -> str:
         return client.create_experiment(name)
     except MlflowException:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m serve.registry [MODEL_URI]``: resolve the URI (default ``MODEL_URI``), load
+    the version it names into the version cache and print one JSON line (version, cache
+    entry). Pre-fills the cache of an image or a host before its first start."""
+    import argparse
+    import json
+    import os
+
+    from serve import modelcache
+    from serve.config import get_settings, use_tracking_server
+    from serve.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m serve.registry", description=main.__doc__)
+    parser.add_argument("model_uri", nargs="?", help="default: MODEL_URI (or its default)")
+    args = parser.parse_args(argv)
+    setup_logging("INFO")
+    settings = get_settings()
+    use_tracking_server(settings)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        ref = resolve_model(args.model_uri or settings.model_uri)
+        load_ref(ref)
+    except ModelNotReady as e:
+        raise SystemExit(f"error: {e.message}") from None
+    root = modelcache.cache_dir()
+    entry = modelcache.lookup(root, ref) if root is not None and ref.version else None
+    print(json.dumps({"model_uri": ref.uri, "version": ref.version, "run_id": ref.run_id,
+                      "cache_entry": str(entry) if entry else None}))
+
+
+if __name__ == "__main__":
+    main()

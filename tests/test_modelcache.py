@@ -308,7 +308,12 @@ def test_an_alias_on_a_version_without_artifacts_says_what_to_do(broken_version,
 def test_a_cached_linear_version_serves_without_mlflow(versions, cache):
     """The cold start of web and Lambda with a cached version: no MLflow (nor its server side:
     FastAPI, Flask), no scikit-learn, skops or pandas imported until something needs them."""
-    load_model(ALIAS)  # fill
+    fill = subprocess.run([sys.executable, "-m", "serve.registry", ALIAS], capture_output=True,
+                          text=True, env=dict(os.environ, MODEL_CACHE_DIR=str(cache)), cwd=ROOT,
+                          timeout=300)  # the documented way to pre-fill the cache
+    assert fill.returncode == 0, fill.stderr[-2000:]
+    line = json.loads(fill.stdout.strip().splitlines()[-1])
+    assert line["version"] == "1" and Path(line["cache_entry"]).parent == cache
     script = ("import sys\n"
               "import serve.web.cli, serve.lambda_function\n"
               "from serve.registry import load_model\n"
