@@ -1,0 +1,1 @@
+"""checkov policies of this project (see open_ports.py)."""
