@@ -109,14 +109,14 @@ def _intact(entry: Path, manifest: dict, ref: Version) -> bool:
     """Whether ``entry`` holds exactly what its manifest lists, for ``ref``."""
     if manifest.get("key") != entry_key(ref) or not isinstance(manifest.get("files"), dict):
         return False
-    for rel, (size, digest) in manifest["files"].items():
-        path = entry / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            return False
+    for rel, listed in manifest["files"].items():
         try:
-            if path.stat().st_size != size or _sha256(path) != digest:
+            size, digest = listed
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 return False
-        except OSError:
+            if (entry / rel).stat().st_size != size or _sha256(entry / rel) != digest:
+                return False
+        except (OSError, TypeError, ValueError):  # missing, unreadable, or not [size, sha]
             return False
     return True
 
