@@ -159,6 +159,7 @@ CORRUPTIONS = {
     "manifest missing": lambda e: (e / modelcache.MANIFEST).unlink(),
     "manifest garbage": lambda e: (e / modelcache.MANIFEST).write_text("{not json"),
     "manifest of another version": lambda e: _rekey(e / modelcache.MANIFEST),
+    "manifest with a malformed file entry": lambda e: _malform(e / modelcache.MANIFEST),
 }
 
 
@@ -166,6 +167,12 @@ def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def _malform(manifest: Path) -> None:
+    m = json.loads(manifest.read_text())
+    m["files"]["MLmodel"] = "not [size, sha256]"
+    manifest.write_text(json.dumps(m))
 
 
 def _rekey(manifest: Path) -> None:
