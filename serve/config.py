@@ -62,5 +62,13 @@ def stack_home() -> Path:
 
 def cache_home() -> Path:
     """Where downloads are kept between runs: ``$DURATION_CACHE`` (environment only), else
-    ``~/.cache/duration`` (TLC months, model versions under ``models/``, MLServer's venv)."""
-    return Path(os.environ.get("DURATION_CACHE") or Path.home() / ".cache" / "duration")
+    ``~/.cache/duration`` (TLC months, model versions under ``models/``, MLServer's venv), or
+    the temporary folder's ``duration-cache`` for a user without a home (a Lambda)."""
+    if os.environ.get("DURATION_CACHE"):
+        return Path(os.environ["DURATION_CACHE"])
+    try:
+        return Path.home() / ".cache" / "duration"
+    except RuntimeError:  # no HOME and no passwd entry
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "duration-cache"
