@@ -9,6 +9,7 @@ import click
 
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
+from serve.urls import masked
 from serve.web.app import create_app
 from serve.web.server import serve
 from serve.web.settings import WebSettings
@@ -60,7 +61,7 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
 
     prometheus_client.disable_created_metrics()
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
-             settings.web_host, settings.web_port, tracking_uri,
+             settings.web_host, settings.web_port, masked(tracking_uri),
              settings.web_poll_interval)
     serve(create_app(settings), settings.web_host, settings.web_port, log_level)
 
