@@ -42,7 +42,7 @@ log = logging.getLogger("train")
 # The models-from-code file logged as the model, and the files of the ``serve`` package it
 # imports: copied into the model (code_paths) so it loads anywhere.
 MODEL_CODE_FILE = Path(__file__).resolve().parent / "serve" / "model_code.py"
-MODEL_CODE = ("__init__.py", "errors.py", "features.py", "model.py")
+MODEL_CODE = ("__init__.py", "errors.py", "features.py", "model.py", "tables.py")
 
 
 def build_estimator(kind: str, n_estimators: int, max_depth: int, min_samples_leaf: int):

@@ -151,6 +151,7 @@ def main(rows, child, model_uri, input_path, output, month) -> None:
     setup_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         tmp = Path(tmp)
+        os.environ["MODEL_CACHE_DIR"] = str(tmp / "model-cache")  # not the user's cache
         port = free_port()
         uri = f"http://127.0.0.1:{port}"
         server = spawn(embedded_server_cmd(tmp / "mlflow", "127.0.0.1", port),

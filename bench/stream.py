@@ -3,7 +3,11 @@
 1. Handler throughput on 100-record Kinesis batches: the course-style handler
    (decode one record, ``pyfunc.predict`` one ride, ``put_record`` per record)
    vs ours (decode all, one vectorized prediction, ``PutRecords``), same model,
-   same endpoint. Prints both records/s and the ratio (target >= 20x).
+   same endpoint. Prints both records/s and the ratio (target >= 20x), and the
+   two effects that ratio mixes, each on its own: the batched prediction (100
+   one-ride ``pyfunc.predict`` calls vs one ``predict_rides`` of 100 rides, no
+   I/O) and the batched write (100 ``put_record`` calls vs one ``PutRecords`` of
+   100 records, to the Kinesis endpoint named in the output).
 2. End to end, sustained: the producer writes ``--rate`` records/s per shard onto a
    2-shard stream while the local runner (``python -m serve.stream``, a separate
    process) predicts and a reader tails the prediction stream. Prints the rate
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -81,18 +86,55 @@ def batches(events: list[dict], n: int) -> list[dict]:
     return out
 
 
-def interleaved_rates(handlers: dict, events: dict[str, list[dict]]) -> dict[str, float]:
-    """Records/s of each handler, calls interleaved so that load changes hit all alike."""
+def interleaved_rates(handlers: dict, inputs: dict[str, list]) -> dict[str, float]:
+    """Items/s of each callable on its ``BATCH``-item inputs, calls interleaved so that load
+    changes hit all alike (the first call of each is a warm-up, not counted)."""
     spent = dict.fromkeys(handlers, 0.0)
     for name, h in handlers.items():
-        h(events[name][0], None)  # warm-up, not counted
-    n = min(len(v) for v in events.values())
+        h(inputs[name][0])
+    n = min(len(v) for v in inputs.values())
     for i in range(1, n):
         for name, h in handlers.items():
             t0 = time.perf_counter()
-            h(events[name][i], None)
+            h(inputs[name][i])
             spent[name] += time.perf_counter() - t0
     return {name: (n - 1) * BATCH / spent[name] for name in handlers}
+
+
+def prediction_rates(pyfunc, events: list[dict], n: int) -> dict[str, float]:
+    """Rides/s of one-ride ``pyfunc.predict`` calls vs one ``predict_rides`` per batch."""
+    import pandas as pd
+
+    from serve.features import parse_ride, rides_from_rows
+
+    model = pyfunc.unwrap_python_model()
+    rides = [[e["ride"] for e in events[b * BATCH:(b + 1) * BATCH]] for b in range(n)]
+    return interleaved_rates(
+        {"one by one": lambda batch: [float(pyfunc.predict(pd.DataFrame([r]))[0])
+                                      for r in batch],
+         "batched": lambda batch: model.predict_rides(rides_from_rows(
+             [parse_ride(r) for r in batch]))},
+        {"one by one": rides, "batched": rides})
+
+
+def write_rates(client, stream: str, n: int) -> dict[str, float]:
+    """Records/s of one ``put_record`` per record vs one ``PutRecords`` per batch."""
+    records = [[(str(i), json.dumps({"model": MODEL_NAME, "version": "1", "prediction": {
+        "ride_duration": 12.5, "ride_id": i}}).encode()) for i in range(b * BATCH,
+                                                                     (b + 1) * BATCH)]
+               for b in range(n)]
+
+    def one_by_one(batch):
+        for key, data in batch:
+            client.put_record(StreamName=stream, Data=data, PartitionKey=key)
+
+    def batched(batch):
+        resp = client.put_records(StreamName=stream, Records=[
+            {"Data": data, "PartitionKey": key} for key, data in batch])
+        assert not resp.get("FailedRecordCount"), resp
+
+    return interleaved_rates({"one by one": one_by_one, "batched": batched},
+                             {"one by one": records, "batched": records})
 
 
 class Tail(threading.Thread):
@@ -162,9 +204,9 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         service = StreamService(pyfunc.unwrap_python_model(), "1",
                                 KinesisSink(client, "ours_out"), CollectingSink())
         n = handler_batches + 1
+        course = course_style_handler(pyfunc, client, "course_out", "1")
         rates = interleaved_rates(
-            {"course": course_style_handler(pyfunc, client, "course_out", "1"),
-             "ours": lambda e, c: service.handle(e).response()},
+            {"course": lambda e: course(e, None), "ours": lambda e: service.handle(e).response()},
             {"course": batches(events, n), "ours": batches(events[n * BATCH:], n)})
         print(f"course-style handler (per-record decode, pyfunc predict, put_record): "
               f"{rates['course']:,.0f} records/s")
@@ -172,6 +214,18 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
               f"{rates['ours']:,.0f} records/s")
         print(f"ratio: {rates['ours'] / rates['course']:.1f}x  ({handler_batches} batches of "
               f"{BATCH} each, interleaved; target >= 20x)", flush=True)
+        # The two effects that ratio mixes, each measured alone on the same batches.
+        pred = prediction_rates(pyfunc, events, n)
+        print(f"  prediction alone, no I/O: 100 one-ride pyfunc.predict calls "
+              f"{pred['one by one']:,.0f} rides/s, one predict_rides of 100 "
+              f"{pred['batched']:,.0f} rides/s: batched-predict gain "
+              f"{pred['batched'] / pred['one by one']:.1f}x")
+        ensure_stream(client, "writes_out", 1)
+        puts = write_rates(client, "writes_out", n)
+        print(f"  writes alone, to Kinesis at {endpoint} (moto_server on this machine): "
+              f"100 put_record calls {puts['one by one']:,.0f} records/s, one PutRecords of 100 "
+              f"{puts['batched']:,.0f} records/s: batched-PutRecords gain "
+              f"{puts['batched'] / puts['one by one']:.1f}x", flush=True)
 
         # 2. sustained end to end: producer -> 2 shards -> runner process -> predictions.
         shards = 2
@@ -209,6 +263,7 @@ def main(seconds: float, rate: float, handler_batches: int, batch_size: int) -> 
         if runner is not None:
             stop(runner.pid)
         moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from pydantic import Field
@@ -40,12 +41,16 @@ def use_tracking_server(settings: Settings | None = None) -> str:
     the default) for this process and the subprocesses it starts; returns the URI.
 
     The one place the tracking URI is resolved: every entry point (train, web, batch, stream,
-    the Lambda, the Prefect flow) calls it once at start-up.
+    the Lambda, the Prefect flow) calls it once at start-up. It exports
+    ``MLFLOW_TRACKING_URI``, which MLflow reads when it is first used, so that a serving
+    process whose model comes from the version cache never imports MLflow at all.
     """
-    import mlflow
-
     uri = (settings or get_settings()).mlflow_tracking_uri
-    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to subprocesses
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    if "mlflow" in sys.modules:  # imported already: its fluent API may hold another URI
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -53,3 +58,17 @@ def stack_home() -> Path:
     """Where local state lives: ``$STACK_HOME`` (environment only), else ``.stack`` at the
     project root, so every command finds the same state whatever folder it runs from."""
     return Path(os.environ.get("STACK_HOME") or PROJECT_ROOT / ".stack").resolve()
+
+
+def cache_home() -> Path:
+    """Where downloads are kept between runs: ``$DURATION_CACHE`` (environment only), else
+    ``~/.cache/duration`` (TLC months, model versions under ``models/``, MLServer's venv), or
+    the temporary folder's ``duration-cache`` for a user without a home (a Lambda)."""
+    if os.environ.get("DURATION_CACHE"):
+        return Path(os.environ["DURATION_CACHE"])
+    try:
+        return Path.home() / ".cache" / "duration"
+    except RuntimeError:  # no HOME and no passwd entry
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "duration-cache"

@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from serve.errors import InvalidInput
+
+if TYPE_CHECKING:  # pandas is imported where a DataFrame is handled, not by the JSON paths
+    import pandas as pd
 
 RIDE_COLUMNS = ("PULocationID", "DOLocationID", "trip_distance")
 LOCATION_COLUMNS = ("PULocationID", "DOLocationID")
@@ -60,6 +63,8 @@ def _floats(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float64) if arr.dtype.kind != "b" else np.full(len(arr), np.nan)
     if arr.dtype == object:
         return np.fromiter((_to_float(v) for v in arr), dtype=np.float64, count=len(arr))
+    import pandas as pd
+
     return pd.to_numeric(pd.Series(arr, copy=False), errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan, copy=True)
 
@@ -194,6 +199,8 @@ def pair_keys(rides: Rides) -> np.ndarray:
 def ride_dicts(df: pd.DataFrame) -> list[dict]:
     """Course-style feature dicts (``PU_DO`` string + ``trip_distance``), used to fit the
     DictVectorizer and by the course-style baselines; never on a serving path."""
+    import pandas as pd
+
     pu_do = df["PULocationID"].astype(str) + "_" + df["DOLocationID"].astype(str)
     return pd.DataFrame({"PU_DO": pu_do, "trip_distance": df["trip_distance"]}).to_dict(
         orient="records"

@@ -1,12 +1,11 @@
 """The pyfunc model every mode serves: raw rides in, minutes out, features inside.
 
 ``RideDurationModel`` wraps a fitted course-style ``DictVectorizer`` and an
-estimator, but never builds dicts at prediction time: the vectorizer's
-vocabulary is turned into a dense lookup table over (PU, DO) pairs, so a
-batch of rides becomes the same sparse matrix with a few numpy operations.
-For linear estimators the prediction is computed straight from that table
-(bit-identical to ``estimator.predict``), which is what makes one-ride
-requests cheap.
+estimator, but never builds dicts at prediction time: it predicts with
+:class:`serve.tables.RideTables`, the vectorizer's vocabulary as a dense lookup
+table over (PU, DO) pairs, and for linear estimators the prediction is computed
+straight from that table (bit-identical to ``estimator.predict``), which is what
+makes one-ride requests cheap.
 
 It is logged as an MLflow *model from code*: ``serve/model_code.py`` (the file
 MLflow runs at load time) builds an empty ``RideDurationModel`` and
@@ -18,10 +17,10 @@ cloudpickled) still load: unpickling goes through ``__setstate__``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 try:  # mlflow is only needed to log or load; the pure logic runs without it.
     from mlflow.pyfunc import PythonModel
@@ -29,9 +28,12 @@ except ImportError:  # pragma: no cover - exercised only in stripped environment
     PythonModel = object  # type: ignore[misc,assignment]
 
 from serve.errors import InvalidInput, ModelNotReady
-from serve.features import KEY_BASE, RIDE_COLUMNS, Rides, pair_keys, validate_rides
+from serve.features import RIDE_COLUMNS, Rides, validate_rides
+from serve.tables import RideTables
 
-PU_DO_PREFIX = "PU_DO="
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
 # The model's state, one artifact (a skops file) each.
 STATE_ARTIFACTS = ("vectorizer", "estimator")
 # skops trusts scikit-learn estimators, numpy and scipy types by default; a tree's node storage
@@ -91,51 +93,21 @@ class RideDurationModel(PythonModel):
         self._build_tables()
 
     def _build_tables(self) -> None:
-        vocab = self.vectorizer.vocabulary_
-        self._n_features = len(vocab)
-        self._distance_col = vocab["trip_distance"]
-        pair_col = np.full(KEY_BASE * KEY_BASE, -1, dtype=np.int64)
-        for name, col in vocab.items():
-            if name.startswith(PU_DO_PREFIX):
-                pu, do = name[len(PU_DO_PREFIX):].split("_")
-                pair_col[int(pu) * KEY_BASE + int(do)] = col
-        self._pair_col = pair_col
+        self.tables = RideTables.build(self.vectorizer, self.estimator)
         self._trees = _forest_trees(self.estimator)
-        coef = getattr(self.estimator, "coef_", None)
-        self._linear = coef is not None and np.ndim(coef) == 1 and hasattr(
-            self.estimator, "intercept_"
-        )
-        if self._linear:
-            coef = np.asarray(coef, dtype=np.float64)
-            self._pair_coef = np.where(pair_col >= 0, coef[np.maximum(pair_col, 0)], 0.0)
-            self._distance_coef = float(coef[self._distance_col])
-            self._intercept = float(self.estimator.intercept_)
 
     # -- features
     def transform(self, rides: Rides) -> sp.csr_matrix:
         """The sparse matrix ``DictVectorizer.transform(ride_dicts)`` would build, without dicts."""
-        n = len(rides)
-        cols = self._pair_col[pair_keys(rides)]
-        known = cols >= 0
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(1 + known, out=indptr[1:])
-        data = np.empty(indptr[-1], dtype=np.float64)
-        indices = np.empty(indptr[-1], dtype=np.int64)
-        first = indptr[:-1][known]
-        data[first], indices[first] = 1.0, cols[known]
-        last = indptr[1:] - 1
-        data[last], indices[last] = rides.distance, self._distance_col
-        return sp.csr_matrix((data, indices, indptr), shape=(n, self._n_features))
+        return self.tables.transform(rides)
 
     # -- prediction
     def predict_rides(self, rides: Rides) -> np.ndarray:
         """Minutes for already-validated rides."""
+        if self.tables.linear:
+            return self.tables.predict_rides(rides)
         if len(rides) == 0:
             return np.empty(0, dtype=np.float64)
-        if self._linear:
-            return (self._pair_coef[pair_keys(rides)] + rides.distance * self._distance_coef) + (
-                self._intercept
-            )
         if self._trees is not None:
             return _forest_predict(self.estimator, self._trees, self.transform(rides))
         return np.asarray(self.estimator.predict(self.transform(rides)), dtype=np.float64)

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from serve.atomic import atomic_path
+from serve.config import cache_home
 from serve.errors import InvalidInput
 from serve.features import RIDE_COLUMNS, check_rides, duration_mask, ride_durations
 from serve.urls import masked
@@ -69,7 +70,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def cache_dir() -> Path:
     """Where downloaded months are kept (``DURATION_CACHE`` or ``~/.cache/duration``)."""
-    return Path(os.getenv("DURATION_CACHE", Path.home() / ".cache" / "duration"))
+    return cache_home()
 
 
 def download(url: str, dest_dir: Path | None = None) -> Path:

@@ -9,6 +9,8 @@
 * ``moto``: a ``moto_server`` process, the S3 and Kinesis endpoint.
 * ``postgres``: the machine's PostgreSQL (started if stopped) with a test role and
   database; yields a SQLAlchemy URL.
+* ``model_cache`` (autouse): the session's own version cache (``MODEL_CACHE_DIR``), never
+  the user's ``~/.cache/duration/models``.
 
 Everything is polled for readiness with a bound; nothing sleeps a fixed time.
 """
@@ -39,6 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 # Subprocesses (mlflow models serve execs `uvicorn`) must find the venv's commands.
 os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Model versions loaded by the session (and the servers it starts) are cached here."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["MODEL_CACHE_DIR"] = str(path)
+    return path
 
 
 @dataclass(frozen=True)

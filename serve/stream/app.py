@@ -36,12 +36,13 @@ class StreamSettings(Settings):
 
 
 def load_stream_model(settings: StreamSettings):
-    """The model to serve: ``MODEL_LOCATION`` if set, else ``MODEL_URI`` via the registry."""
-    import mlflow
-
+    """The model to serve: ``MODEL_LOCATION`` if set, else ``MODEL_URI`` via the registry
+    (and the version cache: a cached linear version loads without importing MLflow)."""
     from serve.registry import LoadedModel, ModelRef, load_model
 
     if settings.model_location:
+        import mlflow
+
         pyfunc = mlflow.pyfunc.load_model(settings.model_location)
         ref = ModelRef(uri=settings.model_location, pinned_uri=settings.model_location,
                        version=settings.model_version,

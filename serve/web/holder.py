@@ -20,15 +20,19 @@ class Active:
     """What a request needs from the loaded model, fetched once per swap, not per request."""
 
     loaded: LoadedModel
-    model: object  # RideDurationModel: predict_rides(Rides) -> minutes
-    input_schema: object  # mlflow Schema, for the MLflow-compatible slow path
+    model: object  # RideDurationModel or RideTables: predict_rides(Rides) -> minutes
     version: str
+
+    @property
+    def input_schema(self):
+        """The mlflow Schema, for the MLflow-compatible slow path (loads the pyfunc if a
+        version came from the cache as tables and the warm-up has not loaded it yet)."""
+        return self.loaded.input_schema
 
 
 def activate(loaded: LoadedModel) -> Active:
-    """Unwrap a loaded pyfunc once into what the request path uses."""
-    return Active(loaded, loaded.python_model, loaded.pyfunc.metadata.get_input_schema(),
-                  loaded.version)
+    """Unwrap a loaded model once into what the request path uses."""
+    return Active(loaded, loaded.python_model, loaded.version)
 
 
 class ModelHolder:
@@ -83,7 +87,20 @@ class ModelHolder:
         self.metrics.model_info.labels(ref.name or "", active.version, ref.run_id or "").set(1)
         log.info("now serving %s version %s (was %s)", self.uri, active.version,
                  current.version if current else None)
+        self._warm(active)
         return True
+
+    def _warm(self, active: Active) -> None:
+        """Load the pyfunc of a version served from its cached tables, after the swap: the
+        fast endpoints answer at once, MLflow's slow path is ready seconds later."""
+        if active.loaded.pyfunc_loaded:
+            return
+        try:
+            active.input_schema  # noqa: B018 - loads the pyfunc
+        except Exception as e:  # noqa: BLE001 - the slow path retries, the fast one serves
+            log.warning("loading the pyfunc of version %s failed (%s: %s); /invocations "
+                        "bodies that need MLflow's parser will retry it", active.version,
+                        type(e).__name__, e)
 
     def _run(self) -> None:
         while not self._stop.is_set():
