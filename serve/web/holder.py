@@ -8,7 +8,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from serve.errors import ModelNotReady
+from serve.config import require_tracking_server
+from serve.errors import ModelNotReady, TrackingServerUnavailable
 from serve.registry import LoadedModel, load_ref, resolve_model
 from serve.web.metrics import Metrics
 
@@ -61,9 +62,11 @@ class ModelHolder:
             ref = resolve_model(self.uri)
         except Exception as e:  # noqa: BLE001 - unreachable registry, missing alias, ...
             self.metrics.poll_failures.inc()
-            self.last_error = f"registry poll failed: {type(e).__name__}: {e}"
-            log.warning("%s; still serving version %s", self.last_error,
-                        self.active.version if self.active else None)
+            try:  # said plainly when the tracking server itself is not there
+                require_tracking_server(timeout=2)
+                self._failed(logging.WARNING, f"registry poll failed: {type(e).__name__}: {e}")
+            except TrackingServerUnavailable as down:
+                self._failed(logging.WARNING, down.message)
             return False
         current = self.active
         if current is not None and current.loaded.ref.pinned_uri == ref.pinned_uri:
@@ -72,9 +75,8 @@ class ModelHolder:
             active = activate(load_ref(ref))
         except Exception as e:  # noqa: BLE001 - a broken version must not stop the old one
             self.metrics.load_failures.inc()
-            self.last_error = f"loading {ref.pinned_uri} failed: {type(e).__name__}: {e}"
-            log.error("%s; still serving version %s", self.last_error,
-                      current.version if current else None)
+            self._failed(logging.ERROR,
+                         f"loading {ref.pinned_uri} failed: {type(e).__name__}: {e}")
             return False
         self.active = active  # the swap
         self.last_error = None
@@ -84,6 +86,14 @@ class ModelHolder:
         log.info("now serving %s version %s (was %s)", self.uri, active.version,
                  current.version if current else None)
         return True
+
+    def _failed(self, level: int, error: str) -> None:
+        """Log a failed poll once, not every few seconds while it keeps failing the same way."""
+        if error != self.last_error:
+            serving = (f"still serving version {self.active.version}" if self.active else
+                       "polling until it loads (/ready answers 503 until then)")
+            log.log(level, "%s; %s", error, serving)
+        self.last_error = error
 
     def _run(self) -> None:
         while not self._stop.is_set():
