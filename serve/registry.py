@@ -8,6 +8,7 @@ always the version it predicts with.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import time
@@ -23,6 +24,7 @@ from serve.errors import ModelNotReady
 
 log = logging.getLogger(__name__)
 
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))$")
 
 
@@ -64,22 +66,55 @@ def resolve_model(uri: str, client: MlflowClient | None = None) -> ModelRef:
         return ModelRef(uri=uri, pinned_uri=uri)
     client = client or MlflowClient()
     name, alias, ref = m["name"], m["alias"], m["ref"]
-    if alias:
-        mv = client.get_model_version_by_alias(name, alias)
-    elif ref.isdigit():
-        mv = client.get_model_version(name, ref)
-    else:
-        latest = ref.lower() == "latest"  # case-insensitive, like MLflow
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            # No stages: the latest version of every stage, the highest of which is latest.
-            versions = client.get_latest_versions(name, stages=None if latest else [ref])
-        if not versions:
-            raise MlflowException(f"model {name!r} has no versions" if latest else
-                                  f"no version of model {name!r} is in stage {ref!r}")
-        mv = max(versions, key=lambda v: int(v.version))
+    try:
+        mv = _registered_version(client, name, alias, ref)
+    except MlflowException as e:
+        # A missing alias is INVALID_PARAMETER_VALUE, a missing model RESOURCE_DOES_NOT_EXIST.
+        why = _missing(client, name, alias, ref) if e.error_code in _NOT_FOUND else None
+        if why is None:
+            raise
+        raise MlflowException(why, error_code="RESOURCE_DOES_NOT_EXIST") from e
     return ModelRef(uri=uri, pinned_uri=f"models:/{name}/{mv.version}", name=name,
                     version=str(mv.version), run_id=mv.run_id)
+
+
+def _registered_version(client: MlflowClient, name: str, alias: str | None, ref: str | None):
+    """The version ``@alias`` or ``/ref`` (a number, a stage or ``latest``) names."""
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    if ref.isdigit():
+        return client.get_model_version(name, ref)
+    latest = ref.lower() == "latest"  # case-insensitive, like MLflow
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # No stages: the latest version of every stage, the highest of which is latest.
+        versions = client.get_latest_versions(name, stages=None if latest else [ref])
+    if not versions:
+        raise MlflowException(f"model {name!r} has no versions" if latest else
+                              f"no version of model {name!r} is in stage {ref!r}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _missing(client: MlflowClient, name: str, alias: str | None, ref: str | None) -> str | None:
+    """What does not exist, and what does instead: the registered models (a typo in the
+    name), the model's aliases or its versions; None if all of it exists."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        guess = difflib.get_close_matches(name, names, n=1)
+        return (f"no registered model named {name!r} at {mlflow.get_tracking_uri()}"
+                + (f" (did you mean {guess[0]!r}?)" if guess else "")
+                + (f"; registered models: {', '.join(names)}" if names else
+                   "; none is registered yet: train one with `python train.py`"))
+    if alias:
+        known = ", ".join(sorted(model.aliases)) or "none"
+        return (None if alias in model.aliases else
+                f"model {name!r} has no alias {alias!r} (its aliases: {known})")
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    known = ", ".join(map(str, versions)) or "none"
+    return (None if not ref.isdigit() or int(ref) in versions else
+            f"model {name!r} has no version {ref} (its versions: {known})")
 
 
 def load_ref(ref: ModelRef) -> LoadedModel:

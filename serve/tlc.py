@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -99,6 +100,8 @@ def open_parquet(uri: str) -> pq.ParquetFile:
         return pq.ParquetFile(path, filesystem=fs)
     except FileNotFoundError as e:
         raise InvalidInput(f"no such file: {uri}") from e
+    except (OSError, pa.ArrowException) as e:  # not parquet, a folder, S3 access denied, ...
+        raise InvalidInput(f"cannot read {uri} as parquet: {e}") from e
 
 
 def trip_columns(names, source: str) -> tuple[str, str]:

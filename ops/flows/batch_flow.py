@@ -17,7 +17,8 @@ import datetime as dt
 
 import click
 
-from serve.config import DEFAULT_MODEL_URI, use_tracking_server
+from serve.cli import Command
+from serve.config import DEFAULT_MODEL_URI, require_tracking_server, use_tracking_server
 
 MONTHLY = "0 3 2 * *"  # 03:00 on the 2nd: the previous month is complete by then
 
@@ -47,14 +48,15 @@ def build_flow():
                    model_uri: str = DEFAULT_MODEL_URI, taxi_type: str = "green",
                    month: str | None = None, first: str | None = None,
                    last: str | None = None, force: bool = False) -> list[dict]:
-        use_tracking_server()  # the environment, then .env, then the default, like the CLI
+        # The environment, then .env, then the default, like the CLI; fails fast without one.
+        require_tracking_server(use_tracking_server())
         months = month_range(first, last) if first and last else [month or previous_month()]
         return [score(model_uri, input_template, output, taxi_type, m, force) for m in months]
 
     return batch_flow
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--output", required=True, help="Output root: local folder or s3:// prefix.")
 @click.option("--input", "input_template", default=None,
               help="Input with '{month}' (and '{taxi}'), or a PostgreSQL table URL "

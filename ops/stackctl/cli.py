@@ -29,6 +29,7 @@ from ops.stackctl.state import (
     start_component,
     stop_components,
 )
+from serve.cli import Group
 from serve.logs import setup_logging
 
 log = logging.getLogger("stack")
@@ -133,7 +134,7 @@ def _quiet(check) -> bool:
         return False
 
 
-@click.group()
+@click.group(cls=Group)
 def cli() -> None:
     """Start, stop and inspect the MLflow tracking stack."""
     setup_logging("INFO")

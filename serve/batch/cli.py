@@ -10,12 +10,13 @@ import click
 
 from serve.batch.months import TAXI_TYPES, infer_from_name, is_database, month_input, month_range
 from serve.batch.run import ENGINES, BatchSettings, backfill, score_month
-from serve.config import use_tracking_server
+from serve.cli import Command
+from serve.config import require_tracking_server, use_tracking_server
 from serve.errors import InvalidInput
 from serve.logs import setup_logging
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--model-uri", default=None,
               help="Model to score with [default: MODEL_URI or models:/duration@production].")
 @click.option("--input", "input_uri", default=None,
@@ -36,7 +37,7 @@ from serve.logs import setup_logging
               help="Log the month's evaluation run to MLflow (experiment duration-batch).")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows per chunk [default: BATCH_ROWS or 262144].")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an error.")
 def main(model_uri, input_uri, output, taxi_type, month, first, last, force, engine,
          spark_master, evaluate, batch_rows, verbose) -> None:
     """Score a month of rides (or a range of months) into predictions parquet."""
@@ -46,7 +47,7 @@ def main(model_uri, input_uri, output, taxi_type, month, first, last, force, eng
     settings = BatchSettings()
     if batch_rows:
         settings.batch_rows = batch_rows
-    use_tracking_server(settings)
+    require_tracking_server(use_tracking_server(settings))
     model_uri = model_uri or settings.model_uri
     name_taxi, name_month = infer_from_name(input_uri or "")
     taxi_type = taxi_type or name_taxi or "green"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import click
 from botocore.exceptions import ClientError
 
+from serve.cli import Command
 from serve.logs import setup_logging
 from serve.stream.app import Handler
 from serve.stream.checkpoints import Checkpoints, DryRunCheckpoints, consumer_checkpoints
@@ -253,7 +254,7 @@ class Runner:
 
 
 # -- CLI ----------------------------------------------------------------------------------
-@click.command()
+@click.command(cls=Command)
 @click.option("--input-stream", required=True, help="Kinesis stream of ride events.")
 @click.option("--output-stream", required=True, help="Kinesis stream for prediction events.")
 @click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL",
