@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,9 @@ import click
 from ops.procs import free_port, http_ok, spawn, stop
 from serve.atomic import write_atomic
 from serve.cli import Group
+from serve.logs import setup_logging
 
+log = logging.getLogger("readme")
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DEMO = "python -m ops.demo"  # what `make demo` runs once .venv is installed
@@ -150,8 +154,10 @@ class Walkthrough:
 
     def sh(self, cmd: str, timeout: float = 900) -> str:
         """Run ``cmd`` with bash in the copy; its stdout and stderr, or an error with both."""
+        t0 = time.monotonic()
         res = subprocess.run(["bash", "-c", cmd], cwd=self.repo, env=self.env, text=True,
                              capture_output=True, timeout=timeout)
+        log.info("%.0f s  %s", time.monotonic() - t0, " ".join(cmd.split())[:100])
         if res.returncode:
             raise RuntimeError(f"{cmd.splitlines()[0]} failed (exit {res.returncode}):\n"
                                + "\n".join((res.stdout + res.stderr).splitlines()[-20:]))
@@ -294,6 +300,7 @@ def drift(lines: list[str], r: Results) -> list[str]:
 @click.group(cls=Group)
 def cli() -> None:
     """Check or rewrite README.md's sample outputs by running its commands."""
+    setup_logging("INFO")
 
 
 @cli.command()

@@ -13,7 +13,9 @@ import pytest
 
 from ops import readme
 
-pytestmark = pytest.mark.integration
+# One walkthrough (about 5 min on an idle 2-core machine: months, four trainings, servers, two
+# demos) feeds every test here; its bound is a readiness bound for a busy machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Options through which a README command writes files, and the commands' default output folders.
