@@ -2,7 +2,8 @@
 
     python train.py --train data/green_tripdata_2021-01.parquet \
                     --val data/green_tripdata_2021-02.parquet
-    mlflow run . --env-manager local -P train=... -P val=...   # or --env-manager uv (no conda)
+    mlflow run . --env-manager local --experiment-name duration -P train=... -P val=...
+                                      # or --env-manager uv (no conda)
 
 ``--train``/``--val`` take a local path, an ``s3://`` URI or an ``https://``
 URL (the public TLC files). The logged model is a pyfunc that takes raw rides;
@@ -219,6 +220,9 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     # Under `mlflow run` the run (and its experiment) is given to us: respect it.
     experiment_id = None if os.getenv("MLFLOW_RUN_ID") else registry.experiment_id(experiment)
     with mlflow.start_run(experiment_id=experiment_id) as run:
+        if experiment_id is None and run.info.experiment_id == "0":  # mlflow run, no flag
+            log.warning("this run is in experiment Default: give `mlflow run` "
+                        "--experiment-name %s to keep runs together", experiment)
         mlflow.log_params({"model": model, "train": train, "val": val,
                            "train_rows_limit": train_rows})
         if model == "rf":
