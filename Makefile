@@ -30,8 +30,12 @@ $(IAC_STAMP): ops/aws/requirements-iac.txt
 demo: install  ## embedded stack -> synthetic months -> mlflow run -> one prediction per mode
 	$(PY) -m ops.demo
 
+# Test files run in parallel worker processes (one file stays on one worker, with its session
+# fixtures): most of the suite waits on servers, builds and pip, so 3 workers fit 2 cores.
+TEST_WORKERS ?= 3
+
 test: install iac  ## the whole suite against real servers (started by the test session)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install iac  ## ruff on the code, hadolint on the Dockerfiles, cfn-lint + checkov on ops/aws
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))  # train.py lives at the repo root
 
 from ops.moto import start_moto  # noqa: E402
 from ops.procs import spawn, stop, wait_for  # noqa: E402
-from serve.stream.core import MODEL_NAME, CollectingSink, StreamService  # noqa: E402
+from serve.stream.codec import MODEL_NAME  # noqa: E402
+from serve.stream.core import CollectingSink, StreamService  # noqa: E402
+from serve.stream.events import kinesis_event  # noqa: E402
 from serve.stream.produce import (  # noqa: E402
     ensure_stream,
     produce,
@@ -40,7 +42,6 @@ from serve.stream.produce import (  # noqa: E402
     read_stream,
     ride_events,
 )
-from serve.stream.runner import kinesis_event  # noqa: E402
 from serve.stream.sinks import KinesisSink  # noqa: E402
 
 BATCH = 100

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# Libraries that log routine facts at INFO ("Found credentials in environment variables" on
+# every boto3 client): only their warnings are shown.
+QUIET = ("botocore.credentials",)
 
 
 def setup_logging(level: str | int = "INFO") -> None:
@@ -16,3 +19,5 @@ def setup_logging(level: str | int = "INFO") -> None:
     level = level.upper() if isinstance(level, str) else level
     logging.basicConfig(level=level, format=FORMAT)
     logging.getLogger().setLevel(level)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

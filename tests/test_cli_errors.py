@@ -328,13 +328,13 @@ def _entry_points():
     import ops.stackctl.cli
     import ops.synth
     import serve.batch.cli
+    import serve.stream.cli
     import serve.stream.produce
-    import serve.stream.runner
     import serve.web.cli
     import train
 
     return {"train.py": train.main, "ops/synth": ops.synth.main,
-            "serve.batch": serve.batch.cli.main, "serve.stream": serve.stream.runner.cli,
+            "serve.batch": serve.batch.cli.main, "serve.stream": serve.stream.cli.cli,
             "serve.stream.produce": serve.stream.produce.cli, "serve.web": serve.web.cli.main,
             "ops/stack": ops.stackctl.cli.cli, "ops.aws": ops.aws.__main__.cli,
             "ops/flows": ops.flows.batch_flow.main}

@@ -12,15 +12,9 @@ from botocore.exceptions import ClientError
 from sklearn.linear_model import LinearRegression
 
 from serve.stream.checkpoints import Checkpoints
-from serve.stream.core import (
-    MODEL_NAME,
-    CollectingSink,
-    OutRecord,
-    StreamService,
-    decode_data,
-    prediction_event,
-)
-from serve.stream.runner import kinesis_event, lowest_failure
+from serve.stream.codec import MODEL_NAME, OutRecord, decode_data, prediction_event
+from serve.stream.core import CollectingSink, StreamService
+from serve.stream.events import kinesis_event, lowest_failure
 from serve.stream.sinks import KinesisSink, S3Sink, chunks, parse_s3_uri
 from train import fit_model
 
@@ -108,7 +102,9 @@ def test_aws_event_gives_the_exact_events_and_dead_letters(model):
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"\xff\xfe", "data is not JSON"),
+    # binary data: named as not UTF-8, not as a UTF-16 codec error json.loads(bytes) would give
+    (b"\xff\xfe not json", "data is not UTF-8 text (byte 0xff at offset 0)"),
+    (b"\xef\xbb\xbf{}", "data is not JSON we accept"),  # a BOM is not JSON
     (b"[1, 2]", "event must be a JSON object"),
     (b'{"ride": {}}', "missing field: 'ride_id'"),
     (b'{"ride_id": 1, "ride": []}', "ride: a ride must be a JSON object"),
@@ -127,10 +123,10 @@ def test_aws_event_gives_the_exact_events_and_dead_letters(model):
     (b"[" * 100_000, "data is not JSON"),
     (json.dumps({"ride_id": "x" * 300, "ride": {"PULocationID": 1, "DOLocationID": 2,
                                                  "trip_distance": 1}}).encode(),
-     "ride_id must be at most 256 characters"),
+     "ride_id is 300 characters, over the 256 of a partition key"),
 ])
 def test_poison_reasons_name_the_problem(data, reason):
-    from serve.stream.core import PoisonRecord
+    from serve.stream.codec import PoisonRecord
 
     with pytest.raises(PoisonRecord) as e:
         decode_data(b64(data))
@@ -334,7 +330,7 @@ def test_lambda_handler_dry_run_from_a_local_model(model, tmp_path, monkeypatch)
 
 
 def test_record_without_data_is_poison_not_a_batch_failure():
-    from serve.stream.core import decode_records
+    from serve.stream.codec import decode_records
 
     good = b64({"ride_id": 7, "ride": {"PULocationID": 1, "DOLocationID": 2,
                                        "trip_distance": 1.5}})

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from ops.procs import start, stop, wait_for
-from serve.stream.core import PoisonRecord, decode_data
+from serve.stream.codec import PoisonRecord, decode_data
 from serve.stream.produce import (
     ensure_stream,
     payloads,

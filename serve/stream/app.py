@@ -52,10 +52,18 @@ def load_stream_model(settings: StreamSettings):
 
 
 def kinesis_client(settings: StreamSettings):
-    """A Kinesis client on ``KINESIS_ENDPOINT_URL`` (unset = real AWS)."""
-    import boto3
+    """A Kinesis client on ``KINESIS_ENDPOINT_URL`` (unset = real AWS).
 
-    return boto3.client("kinesis", endpoint_url=settings.kinesis_endpoint_url)
+    botocore retries each call once; the callers retry with their own bounds and logs (the
+    sinks ``PUT_MAX_ATTEMPTS`` times, the runner's reads for ``--max-outage``), instead of
+    botocore's default of 5 silent attempts with up to 15 s of sleep each call.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5,
+                    read_timeout=30)
+    return boto3.client("kinesis", endpoint_url=settings.kinesis_endpoint_url, config=config)
 
 
 def dead_letter_sink(settings: StreamSettings, kinesis=None) -> Sink:

@@ -15,11 +15,13 @@ from collections.abc import Iterator, Sequence
 
 import click
 import numpy as np
+from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from serve.cli import Command
 from serve.logs import setup_logging
-from serve.stream.core import OutRecord, encode
+from serve.stream.codec import OutRecord, encode
 from serve.stream.sinks import MAX_RECORDS, KinesisSink
+from serve.stream.streams import ENDPOINT_HELP, StreamUnavailable, endpoint_of, require_stream
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ POISON = (
     b'{"ride": {"PULocationID": 43, "DOLocationID": 999, "trip_distance": 1.0}, "ride_id": 8}',
     b'{"ride": {"PULocationID": 43, "DOLocationID": 151, "trip_distance": -2}, "ride_id": 9}',
 )
+
+
+class RecordsNotWritten(RuntimeError):
+    """Some records could not be written even after the sink's retries."""
 
 
 def ensure_stream(client, name: str, shards: int = 1, timeout: float = 60) -> None:
@@ -96,8 +102,9 @@ def produce(sink: KinesisSink, events: Sequence[dict], rate: float = 0,
         batch = to_records(events[lo:lo + chunk], poison_every, stamp=time.time())
         failed = sink.put(batch)
         if failed:
-            raise RuntimeError(f"{len(failed)} records could not be written to "
-                               f"{sink.stream_name}")
+            raise RecordsNotWritten(f"{len(failed)} records could not be written to "
+                                    f"{sink.stream_name} after {sent} were (the warnings above "
+                                    f"say why)")
         sent += len(batch)
     return sent
 
@@ -125,8 +132,7 @@ def payloads(records: Sequence[dict]) -> list[dict]:
 @click.command(cls=Command)
 @click.option("--rides", required=True, help="TLC parquet month: local path, s3:// or https://.")
 @click.option("--stream", required=True, help="Kinesis stream to write ride events to.")
-@click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL",
-              help="Kinesis endpoint (moto_server, LocalStack); default: real AWS.")
+@click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL", help=ENDPOINT_HELP)
 @click.option("--rate", default=1000.0, show_default=True,
               help="Records per second (0 = as fast as possible).")
 @click.option("--limit", default=None, type=int, help="Send only the first N rides.")
@@ -145,10 +151,21 @@ def cli(rides, stream, endpoint_url, rate, limit, poison_every, create_shards) -
     client = boto3.client("kinesis",
                           endpoint_url=endpoint_url or get_settings().kinesis_endpoint_url)
     if create_shards:
-        ensure_stream(client, stream, create_shards)
+        try:
+            ensure_stream(client, stream, create_shards)
+        except (ClientError, BotoCoreError, WaiterError) as e:
+            raise click.ClickException(f"could not create stream {stream!r} at "
+                                       f"{endpoint_of(client)}: {e}") from e
+    try:
+        require_stream(client, stream, "stream (--stream)")
+    except StreamUnavailable as e:
+        raise click.ClickException(f"{e}; or pass --create-shards N to create it") from e
     events = list(ride_events(read_ride_columns(rides, limit)))
     t0 = time.monotonic()
-    n = produce(KinesisSink(client, stream), events, rate, poison_every=poison_every)
+    try:
+        n = produce(KinesisSink(client, stream), events, rate, poison_every=poison_every)
+    except RecordsNotWritten as e:
+        raise click.ClickException(str(e)) from e
     secs = time.monotonic() - t0
     log.info("sent %d ride events to %s in %.1f s (%.0f records/s)", n, stream, secs,
              n / max(secs, 1e-9))

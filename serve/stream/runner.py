@@ -10,130 +10,120 @@ At-least-once: a batch whose predictions were written but whose checkpoint was
 not (a crash in between) is handled again after a restart, so at most one batch
 per shard (``--batch-size`` records) may be predicted twice. Consumers dedupe on
 the partition key ``ride_id``.
+
+Reads are paced for real Kinesis, where all consumers of a shard share 5
+``GetRecords`` calls per second: an idle shard is read less and less often (down to
+once a second), a throttled read backs off with jitter and is never fatal, and an
+unreachable endpoint (or a missing stream) is retried with backoff for up to
+``max_outage`` seconds. Checkpoints carry the stream's identity: a stream deleted and
+created again under the same name is noticed (at start, after an outage, every
+``verify_every`` seconds and before exiting) and stops the runner, or with
+``on_recreated="trim-horizon"`` is read from its start; records are never skipped.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import signal
 import threading
 import time
-from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import click
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from serve.cli import Command
-from serve.logs import setup_logging
 from serve.stream.app import Handler
-from serve.stream.checkpoints import Checkpoints, DryRunCheckpoints, consumer_checkpoints
+from serve.stream.checkpoints import Checkpoints, DryRunCheckpoints
+from serve.stream.events import kinesis_event, lowest_failure
+from serve.stream.pacing import RunStats, ShardState, idle_wait, read_failed, recovered
+from serve.stream.sinks import error_code
+from serve.stream.streams import StreamIdentity, describe_stream, endpoint_of
 
 log = logging.getLogger(__name__)
 
-LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/duration-local-runner"
+ON_RECREATED = ("stop", "trim-horizon")
 
 
 class RetriesExhausted(RuntimeError):
     """A batch kept failing: the shard stops at its checkpoint instead of skipping records."""
 
 
-# -- events -------------------------------------------------------------------------------
-def kinesis_event(records: list[Mapping], shard_id: str, stream_arn: str, region: str) -> dict:
-    """A Lambda Kinesis event from ``GetRecords`` records, shaped as AWS delivers it."""
-    out = []
-    for r in records:
-        seq = r["SequenceNumber"]
-        arrival = r.get("ApproximateArrivalTimestamp")
-        out.append({
-            "kinesis": {
-                "kinesisSchemaVersion": "1.0",
-                "partitionKey": r["PartitionKey"],
-                "sequenceNumber": seq,
-                "data": base64.b64encode(r["Data"]).decode("ascii"),
-                "approximateArrivalTimestamp": arrival.timestamp() if arrival else time.time(),
-            },
-            "eventSource": "aws:kinesis",
-            "eventVersion": "1.0",
-            "eventID": f"{shard_id}:{seq}",
-            "eventName": "aws:kinesis:record",
-            "invokeIdentityArn": LOCAL_ROLE_ARN,
-            "awsRegion": region,
-            "eventSourceARN": stream_arn,
-        })
-    return {"Records": out}
+class StreamRecreated(RuntimeError):
+    """The stream is not the one the checkpoints belong to (deleted and created again)."""
 
-
-def lowest_failure(response, first: str | None = None) -> str | None:
-    """The lowest failed sequence number of a handler response (where Lambda resumes).
-
-    As in Lambda, a response that is not a valid partial-batch response (an
-    identifier that is missing or not a sequence number) fails the whole batch:
-    ``first`` is returned then.
-    """
-    items = response.get("batchItemFailures") if isinstance(response, Mapping) else None
-    if not items:
-        return None
-    try:
-        return min((str(i["itemIdentifier"]) for i in items), key=int)
-    except (KeyError, TypeError, ValueError):
-        log.error("invalid batchItemFailures %r: the whole batch is retried", items)
-        return first
+    def __init__(self, message: str, current: StreamIdentity | None):
+        super().__init__(message)
+        self.current = current
 
 
 # -- the loop -----------------------------------------------------------------------------
-@dataclass
-class ShardState:
-    """Where the runner is in one shard."""
-
-    shard_id: str
-    iterator: str | None = None
-    retries: int = 0
-    closed: bool = False
-
-
-@dataclass
-class RunStats:
-    """Totals of one run, logged at the end and returned to callers (tests, bench)."""
-
-    batches: int = 0
-    records: int = 0
-    failures: int = 0
-    per_shard: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, shard_id: str, handled: int, failed: bool) -> None:
-        """Count one handler call (shard threads call this concurrently)."""
-        with self.lock:
-            self.batches += 1
-            self.records += handled
-            self.failures += failed
-            self.per_shard[shard_id] = self.per_shard.get(shard_id, 0) + handled
-
-
 @dataclass
 class Runner:
     """Reads every shard of ``stream`` and feeds ``handler`` until ``stop`` is set."""
 
     client: object  # a boto3 Kinesis client
-    handler: Handler
+    handler: Handler | None
     stream: str
     checkpoints: Checkpoints | DryRunCheckpoints
     batch_size: int = 100
-    poll_interval: float = 0.2
+    poll_interval: float = 0.2  # wait after a read that emptied the shard; doubles while idle
     max_retries: int = 3
     retry_delay: float = 0.5
     idle_exit: float | None = None  # stop after this many seconds without records
     stop: threading.Event = field(default_factory=threading.Event)
-    stream_arn: str = ""  # looked up by run()
+    stream_arn: str = ""  # looked up by prepare()
     report_every: float = 30.0  # seconds between progress lines in the log
     # Lambda runs one invocation per shard concurrently. moto_server's PutRecords is not
     # thread-safe (concurrent writes to one shard can take the same sequence number and
     # overwrite each other), so handler calls are serialized unless asked otherwise.
     parallel: bool = False
+    max_outage: float = 300.0  # seconds of endpoint/stream errors before giving up
+    verify_every: float = 10.0  # seconds between checks that the stream is still the same
+    on_recreated: str = "stop"  # or "trim-horizon": read a re-created stream from its start
+    identity: StreamIdentity | None = None
     _handler_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _halt: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    # -- the stream and its identity
+    def prepare(self) -> StreamIdentity:
+        """Look the stream up and check the checkpoints are of it (before a model is loaded)."""
+        self.identity = describe_stream(self.client, self.stream)
+        self.stream_arn = self.identity.arn
+        foreign = self.checkpoints.foreign(self.identity)
+        if foreign:
+            self._recreated(StreamRecreated(self._recreated_message(
+                next(iter(foreign.values())), self.identity), self.identity))
+        return self.identity
+
+    def _recreated_message(self, old: StreamIdentity | None, now: StreamIdentity | None,
+                           why: str = "") -> str:
+        belong = f"belong to the stream created {old.created}" if old else why
+        return (f"stream {self.stream!r} was re-created: the checkpoints in "
+                f"{self.checkpoints.root} {belong}, not to the stream there now (created "
+                f"{now.created if now else 'unknown'}), whose sequence numbers start over. "
+                f"Resuming would skip records, so the runner stops. To read the new stream "
+                f"from its start, run again with --on-recreated-stream trim-horizon (any of "
+                f"its records already predicted are predicted again)")
+
+    def _check_identity(self) -> None:
+        """Raise StreamRecreated if the stream is no longer the one being read.
+
+        ``identity`` (what the checkpoints are saved with) never changes here: until the
+        checkpoints are reset, every thread keeps stamping them with the old stream, so a
+        batch some thread handles before it stops is still seen as foreign at the next start.
+        """
+        current = describe_stream(self.client, self.stream)
+        if current != self.identity:
+            raise StreamRecreated(self._recreated_message(self.identity, current), current)
+
+    def _recreated(self, e: StreamRecreated) -> None:
+        """Stop (the default), or forget the checkpoints and read the new stream from its start."""
+        if self.on_recreated != "trim-horizon":
+            raise e
+        log.warning("%s; reading it from TRIM_HORIZON (--on-recreated-stream trim-horizon)",
+                    str(e).split(", whose")[0])
+        self.checkpoints.reset()
+        self.identity = e.current or describe_stream(self.client, self.stream)
+        self.stream_arn = self.identity.arn
 
     def shards(self) -> list[str]:
         """Shard ids of the stream (all pages)."""
@@ -145,38 +135,50 @@ class Runner:
                 return ids
             kwargs = {"NextToken": resp["NextToken"]}
 
-    def _iterator(self, shard_id: str, after: str | None = None, at: str | None = None) -> str:
-        kw = {"StreamName": self.stream, "ShardId": shard_id}
-        if at is not None:
-            kw.update(ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=at)
+    # -- one shard
+    def _iterator(self, shard: ShardState) -> str:
+        if shard.verify:  # after an outage or an expired iterator: is it still our stream?
+            self._check_identity()
+            shard.verify = False
+        kw = {"StreamName": self.stream, "ShardId": shard.shard_id}
+        after = None if shard.resume_at else self.checkpoints.load(shard.shard_id)
+        if shard.resume_at is not None:
+            kw.update(ShardIteratorType="AT_SEQUENCE_NUMBER",
+                      StartingSequenceNumber=shard.resume_at)
         elif after is not None:
             kw.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
         else:
             kw.update(ShardIteratorType="TRIM_HORIZON")
-        return self.client.get_shard_iterator(**kw)["ShardIterator"]
-
-    def step(self, shard: ShardState, region: str, stats: RunStats) -> int:
-        """Read and handle one batch of ``shard``; returns how many records it read."""
-        if shard.iterator is None:
-            shard.iterator = self._iterator(shard.shard_id,
-                                            after=self.checkpoints.load(shard.shard_id))
         try:
+            iterator = self.client.get_shard_iterator(**kw)["ShardIterator"]
+        except ClientError as e:  # real Kinesis refuses a sequence number of another stream
+            if error_code(e) != "InvalidArgumentException" or "StartingSequenceNumber" not in kw:
+                raise
+            raise StreamRecreated(self._recreated_message(
+                None, None, f"belong to another stream: Kinesis refused sequence number "
+                f"{kw['StartingSequenceNumber']} of shard {shard.shard_id} ({e})"), None) from e
+        shard.resume_at = None
+        return iterator
+
+    def step(self, shard: ShardState, region: str, stats: RunStats) -> tuple[int, float]:
+        """Read and handle one batch of ``shard``: (records read, seconds to wait before the
+        next read of it)."""
+        shard.idle = False
+        try:
+            if shard.iterator is None:
+                shard.iterator = self._iterator(shard)
             resp = self.client.get_records(ShardIterator=shard.iterator, Limit=self.batch_size)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code == "ExpiredIteratorException":  # iterators live 5 minutes
-                shard.iterator = None  # resume from the checkpoint
-                return 0
-            if code == "ProvisionedThroughputExceededException":  # 5 reads/s per shard
-                log.warning("%s: read throttled, backing off", shard.shard_id)
-                self.stop.wait(1.0)
-                return 0
-            raise
+        except (ClientError, BotoCoreError) as e:
+            return 0, read_failed(shard, e, stats, self.poll_interval, self.max_outage,
+                                  f"Kinesis stream {self.stream!r} at {endpoint_of(self.client)}")
+        stats.count(throttled=False)
+        recovered(shard)
         records = resp["Records"]
         if not records:
             shard.iterator = resp.get("NextShardIterator")
             shard.closed = shard.iterator is None  # a closed (resharded) shard is done
-            return 0
+            return 0, idle_wait(shard, self.poll_interval)
+        shard.empty_reads = 0
         event = kinesis_event(records, shard.shard_id, self.stream_arn, region)
         with nullcontext() if self.parallel else self._handler_lock:
             try:
@@ -187,14 +189,16 @@ class Runner:
                               len(records))
                 failed = records[0]["SequenceNumber"]
         if failed is None:
-            self.checkpoints.save(shard.shard_id, records[-1]["SequenceNumber"])
+            self.checkpoints.save(shard.shard_id, records[-1]["SequenceNumber"], self.identity)
             shard.iterator, shard.retries = resp.get("NextShardIterator"), 0
             shard.closed = shard.iterator is None
             stats.add(shard.shard_id, len(records), failed=False)
-            return len(records)
+            # A full batch (or a reader behind the tip) has more waiting: read again at once.
+            more = len(records) >= self.batch_size or resp.get("MillisBehindLatest", 0) > 0
+            return len(records), 0.0 if more else self.poll_interval
         done = [r for r in records if int(r["SequenceNumber"]) < int(failed)]
         if done:  # the records before the failure are handled: do not re-deliver them
-            self.checkpoints.save(shard.shard_id, done[-1]["SequenceNumber"])
+            self.checkpoints.save(shard.shard_id, done[-1]["SequenceNumber"], self.identity)
             shard.retries = 0
         stats.add(shard.shard_id, len(done), failed=True)
         shard.retries += 1
@@ -204,112 +208,82 @@ class Runner:
                 f"stopped at the checkpoint, fix the cause and restart")
         log.warning("%s: batch failed from %s (retry %d/%d)", shard.shard_id, failed,
                     shard.retries, self.max_retries)
-        self.stop.wait(self.retry_delay * shard.retries)
-        shard.iterator = self._iterator(shard.shard_id, at=failed)
-        return len(records)
+        shard.iterator, shard.resume_at = None, failed
+        return len(records), self.retry_delay * shard.retries
 
     def _poll(self, shard: ShardState, region: str, stats: RunStats,
               errors: list[BaseException]) -> None:
         """One shard's loop: Lambda also runs one invocation per shard at a time, in order."""
         idle_since = time.monotonic()
         try:
-            while not self.stop.is_set() and not shard.closed:
-                if self.step(shard, region, stats):
-                    idle_since = time.monotonic()
-                elif self.idle_exit is not None and (
-                        time.monotonic() - idle_since >= self.idle_exit):
+            while not self._halt.is_set() and not shard.closed:
+                n, wait = self.step(shard, region, stats)
+                now = time.monotonic()
+                if n or not shard.idle:  # throttled or unreachable is not idle
+                    idle_since = now
+                elif self.idle_exit is not None and now - idle_since >= self.idle_exit:
                     return
-                else:
-                    self.stop.wait(self.poll_interval)
+                if wait:
+                    self._halt.wait(wait)
         except BaseException as e:  # noqa: BLE001 - handed to run(), which re-raises it
             errors.append(e)
-            self.stop.set()
+            self._halt.set()
 
-    def run(self) -> RunStats:
-        """Poll every shard (one thread each) until stopped (SIGTERM, ``stop`` or idle exit)."""
-        summary = self.client.describe_stream_summary(StreamName=self.stream)
-        self.stream_arn = summary["StreamDescriptionSummary"]["StreamARN"]
+    # -- every shard
+    def _round(self, stats: RunStats) -> None:
+        """Poll every shard (one thread each) until stopped, idle, or an error."""
+        self._halt.clear()
         region = self.client.meta.region_name
         shards = [ShardState(s) for s in self.shards()]
-        stats, errors = RunStats(), []
+        errors: list[BaseException] = []
         log.info("reading %s (%d shards) into the handler, checkpoints in %s", self.stream,
                  len(shards), self.checkpoints.root)
         threads = [threading.Thread(target=self._poll, args=(s, region, stats, errors),
                                     name=s.shard_id, daemon=True) for s in shards]
         for t in threads:
             t.start()
-        last_report = time.monotonic()
+        last_report = last_verify = time.monotonic()
         for t in threads:
             while t.is_alive():  # short joins keep the main thread responsive to signals
                 t.join(0.2)
-                if time.monotonic() - last_report >= self.report_every:
-                    last_report = time.monotonic()
+                if self.stop.is_set():
+                    self._halt.set()
+                now = time.monotonic()
+                if now - last_report >= self.report_every:
+                    last_report = now
                     log.info("progress: %d records in %d batches (%d failed batches)",
                              stats.records, stats.batches, stats.failures)
-        log.info("stopped: %d records in %d batches (%d failed batches)", stats.records,
-                 stats.batches, stats.failures)
+                if now - last_verify >= self.verify_every and not self._halt.is_set():
+                    last_verify = now
+                    try:
+                        self._check_identity()
+                    except StreamRecreated as e:
+                        errors.insert(0, e)
+                        self._halt.set()
+                    except (ClientError, BotoCoreError):
+                        pass  # an outage: the shard threads wait it out themselves
         if errors:
             raise errors[0]
+        try:  # idle or stopped: a last check, so that no exit hides a re-created stream
+            self._check_identity()
+        except (ClientError, BotoCoreError) as e:
+            log.warning("could not check that %s is still the stream of the checkpoints (%s); "
+                        "the next start checks it", self.stream, e)
+
+    def run(self) -> RunStats:
+        """Poll every shard until stopped (SIGTERM, ``stop`` or idle exit); raises
+        RetriesExhausted, EndpointUnavailable or StreamRecreated instead of skipping records."""
+        if self.identity is None:
+            self.prepare()
+        stats = RunStats()
+        while True:
+            try:
+                self._round(stats)
+                break
+            except StreamRecreated as e:
+                self._recreated(e)  # raises unless reading the new stream from its start
+                if self.stop.is_set():
+                    break
+        log.info("stopped: %d records in %d batches (%d failed batches)", stats.records,
+                 stats.batches, stats.failures)
         return stats
-
-
-# -- CLI ----------------------------------------------------------------------------------
-@click.command(cls=Command)
-@click.option("--input-stream", required=True, help="Kinesis stream of ride events.")
-@click.option("--output-stream", required=True, help="Kinesis stream for prediction events.")
-@click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL",
-              help="Kinesis endpoint (moto_server, LocalStack); default: real AWS.")
-@click.option("--consumer", required=True,
-              help="Consumer name: each consumer keeps its own checkpoints (1-to-many).")
-@click.option("--model-uri", default=None,
-              help="Model to serve (default: MODEL_URI, models:/duration@production).")
-@click.option("--model-location", default=None,
-              help="Local MLflow model folder instead of --model-uri.")
-@click.option("--model-version", default=None,
-              help="Registered version of --model-location, reported in the events.")
-@click.option("--dead-letter", "dead_letter", default=None,
-              help="Dead-letter destination: a stream name or s3://bucket/prefix.")
-@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000),
-              help="Records per handler call (Lambda BatchSize).")
-@click.option("--checkpoint-dir", default=".stack/stream-checkpoints", show_default=True,
-              help="Folder of the per-consumer, per-shard checkpoints.")
-@click.option("--max-retries", default=3, show_default=True, type=click.IntRange(0),
-              help="Re-deliveries of a failing batch before the runner stops.")
-@click.option("--poll-interval", default=0.2, show_default=True, type=float,
-              help="Seconds to wait when no shard had records.")
-@click.option("--idle-exit", default=None, type=float,
-              help="Exit after this many seconds without records (default: run until SIGTERM).")
-@click.option("--parallel-shards/--serial-shards", default=False, show_default=True,
-              help="Call the handler for several shards at once, as Lambda does (real Kinesis);"
-                   " serial is required on moto_server, whose PutRecords is not thread-safe.")
-@click.option("--test-run", is_flag=True, help="Dry run: predict, write nothing.")
-def cli(input_stream, output_stream, endpoint_url, consumer, model_uri, model_location,
-        model_version, dead_letter, batch_size, checkpoint_dir, max_retries, poll_interval,
-        idle_exit, parallel_shards, test_run) -> None:
-    """Run the streaming handler locally over every shard of INPUT_STREAM."""
-    import boto3
-
-    from serve.stream.app import StreamSettings, build_handler
-
-    setup_logging("INFO")
-    overrides = {"predictions_stream_name": output_stream, "kinesis_endpoint_url": endpoint_url,
-                 "model_uri": model_uri, "model_location": model_location,
-                 "model_version": model_version, "dead_letter_destination": dead_letter,
-                 "test_run": test_run or None}
-    settings = StreamSettings(**{k: v for k, v in overrides.items() if v is not None})
-    checkpoints = consumer_checkpoints(checkpoint_dir, consumer, input_stream)
-    if settings.test_run:
-        checkpoints = DryRunCheckpoints(checkpoints)
-    # The reading client uses the same endpoint as the sinks (option, env or .env).
-    client = boto3.client("kinesis", endpoint_url=settings.kinesis_endpoint_url)
-    runner = Runner(client=client, handler=build_handler(settings), stream=input_stream,
-                    checkpoints=checkpoints,
-                    batch_size=batch_size, poll_interval=poll_interval,
-                    max_retries=max_retries, idle_exit=idle_exit, parallel=parallel_shards)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Finish the batch in hand, checkpoint it, then leave.
-        signal.signal(sig, lambda signum, frame: runner.stop.set())
-    try:
-        runner.run()
-    except RetriesExhausted as e:
-        raise click.ClickException(str(e)) from e

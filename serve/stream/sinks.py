@@ -12,9 +12,9 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from serve.stream.core import OutRecord
+from serve.stream.codec import OutRecord, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,24 @@ def chunks(records: Sequence[OutRecord], max_records: int = MAX_RECORDS,
         yield chunk
 
 
+# A whole PutRecords call failing with one of these fails the same way on every try.
+NON_RETRYABLE = {"ValidationException", "InvalidArgumentException", "ResourceNotFoundException",
+                 "AccessDeniedException", "UnrecognizedClientException", "KMSAccessDeniedException",
+                 "KMSDisabledException", "KMSNotFoundException", "KMSInvalidStateException"}
+
+
+def error_code(error: BaseException) -> str | None:
+    """The AWS error code of a ``ClientError`` (None for anything else)."""
+    return error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether a failed call may succeed when tried again (throttling, endpoint down, 5xx)."""
+    if isinstance(error, ParamValidationError):
+        return False
+    return error_code(error) not in NON_RETRYABLE
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Full-jitter exponential backoff before retry ``attempt`` (1, 2, ...)."""
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
@@ -62,32 +80,51 @@ class KinesisSink:
         self.sleep = sleep
 
     def put(self, records: Sequence[OutRecord]) -> list[int]:
-        """Write ``records``; returns the indices still failed after the last attempt."""
-        failed: list[int] = []
-        for chunk in chunks(records):
-            failed.extend(self._put_chunk(records, chunk))
-        return failed
+        """Write ``records``; returns the indices still failed after the last attempt.
+
+        A record Kinesis would refuse on every try (size, partition key) is never sent, so it
+        cannot fail the others of its call; it is returned failed at once.
+        """
+        failed, sendable = [], []
+        for i, r in enumerate(records):
+            problem = record_problem(r)
+            if problem:
+                log.error("record %d for %s not written (never writable): %s", i,
+                          self.stream_name, problem)
+                failed.append(i)
+            else:
+                sendable.append(i)
+        todo = [records[i] for i in sendable]
+        for chunk in chunks(todo):
+            failed.extend(sendable[j] for j in self._put_chunk(todo, chunk))
+        return sorted(failed)
 
     def _put_chunk(self, records: Sequence[OutRecord], pending: list[int]) -> list[int]:
-        for attempt in range(self.max_attempts):
-            if attempt:
-                self.sleep(backoff(attempt, self.base_delay, self.max_delay))
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                self.sleep(backoff(attempt - 1, self.base_delay, self.max_delay))
             entries = [{"Data": records[i].data, "PartitionKey": records[i].partition_key}
                        for i in pending]
+            last = attempt == self.max_attempts
             try:
                 resp = self.client.put_records(StreamName=self.stream_name, Records=entries)
             except (ClientError, BotoCoreError) as e:
-                # The whole call failed (throttled, endpoint down): every entry is retried.
-                log.warning("PutRecords to %s failed (attempt %d/%d): %s", self.stream_name,
-                            attempt + 1, self.max_attempts, e)
+                # The whole call failed (throttled, endpoint down, stream missing).
+                again = retryable(e) and not last
+                log.warning("PutRecords of %d records to %s failed (attempt %d/%d), %s: %s",
+                            len(pending), self.stream_name, attempt, self.max_attempts,
+                            "retrying" if again else "giving up" if last else "not retried", e)
+                if not again:
+                    return pending
                 continue
             # Entries come back in request order; failed ones carry an ErrorCode.
             pending = [i for i, r in zip(pending, resp["Records"], strict=True)
                        if r.get("ErrorCode")]
             if not pending:
                 return []
-            log.warning("PutRecords to %s: %d entries failed (attempt %d/%d), retrying them",
-                        self.stream_name, len(pending), attempt + 1, self.max_attempts)
+            log.warning("PutRecords to %s: %d entries failed (attempt %d/%d), %s",
+                        self.stream_name, len(pending), attempt, self.max_attempts,
+                        "giving up on them" if last else "retrying them")
         return pending
 
 
