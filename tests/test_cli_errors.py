@@ -183,6 +183,13 @@ def test_train_names_a_file_that_is_not_parquet(tmp_path, months, tracking_serve
     one_error_line(res, "--val", str(bad), "parquet")
 
 
+def test_train_names_a_month_it_cannot_download(tmp_path, months, tracking_server):
+    url = f"{no_server()}/green_tripdata_2021-01.parquet"  # offline, or a wrong host
+    res = run([str(ROOT / "train.py"), "--train", url, "--val", str(months.val)], tmp_path,
+              {"DURATION_CACHE": str(tmp_path / "cache")})
+    one_error_line(res, "--train", f"cannot download {url}", "network")
+
+
 @pytest.mark.parametrize("uri, needles", [
     ("models:/duraton@production", ["models:/duraton@production",
                                     "no registered model named 'duraton'", "duration"]),
