@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve.errors import TrackingServerUnavailable
+from serve.urls import masked
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 DEFAULT_MODEL_URI = "models:/duration@production"
@@ -70,17 +71,18 @@ def require_tracking_server(uri: str | None = None, timeout: float = 5.0) -> str
     if urlparse(uri).scheme not in ("http", "https"):
         return uri
     fix = "start it with `ops/stack up` or set MLFLOW_TRACKING_URI"
+    shown = masked(uri)
     try:
         status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code
     except requests.Timeout as e:
         raise TrackingServerUnavailable(
-            f"no tracking server at {uri} (no answer within {timeout:g} s): {fix}") from e
+            f"no tracking server at {shown} (no answer within {timeout:g} s): {fix}") from e
     except requests.RequestException as e:
         raise TrackingServerUnavailable(
-            f"no tracking server at {uri} (cannot connect): {fix}") from e
+            f"no tracking server at {shown} (cannot connect): {fix}") from e
     if status >= 500:
         raise TrackingServerUnavailable(
-            f"the tracking server at {uri} is not healthy (HTTP {status} on /health): "
+            f"the tracking server at {shown} is not healthy (HTTP {status} on /health): "
             f"see its log (`ops/stack status`), or set MLFLOW_TRACKING_URI to another one")
     return uri
 

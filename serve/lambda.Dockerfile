@@ -1,39 +1,47 @@
-# syntax=docker/dockerfile:1
-# AWS Lambda image of the streaming handler (Kinesis trigger): serve.lambda_function.lambda_handler.
+# AWS Lambda image of the streaming handler (Kinesis trigger): serve.lambda_function.lambda_handler,
+# on AWS's "alternative base image" path: python:3.11-slim + the runtime interface client
+# (awslambdaric), so it builds wherever a python image does. Context: the repo root; BuildKit.
 #   docker build -f serve/lambda.Dockerfile -t duration-stream .
 # Loads MODEL_URI through MLFLOW_TRACKING_URI at cold start (artifacts proxied by the tracking
 # server). To bake a model into the image instead (no tracking server at runtime):
 #   mlflow artifacts download -u models:/duration/3 -d build/model
-#   docker build -f serve/lambda.Dockerfile --build-context model=build/model \
-#                --build-arg MODEL_LOCATION=/opt/ml/model --build-arg MODEL_VERSION=3 \
+#   docker build -f serve/lambda.Dockerfile --target baked --build-arg MODEL_VERSION=3 \
 #                -t duration-stream:3 .
-# The named context "model" replaces the empty stage below; an empty MODEL_LOCATION means
-# "load MODEL_URI". Set PREDICTIONS_STREAM_NAME and DEAD_LETTER_DESTINATION on the function.
+# Set PREDICTIONS_STREAM_NAME and DEAD_LETTER_DESTINATION on the function. Lambda runs the image
+# as a non-root user on a read-only file system with a writable /tmp: nothing here needs more.
+FROM python:3.11.11-slim-bookworm AS function
 
-# Empty unless `--build-context model=DIR` is given.
-FROM scratch AS model
-
-FROM public.ecr.aws/lambda/python:3.11
-
-ARG MODEL_LOCATION=""
-ARG MODEL_VERSION=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LAMBDA_TASK_ROOT=/var/task \
+    PYTHONPATH=/var/task \
     MODEL_URI=models:/duration@production \
-    MODEL_LOCATION=${MODEL_LOCATION} \
-    MODEL_VERSION=${MODEL_VERSION} \
     PREDICTIONS_STREAM_NAME=ride_predictions \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
-# mlflow-skinny loads pyfunc models without the server/UI dependencies of full mlflow; skops
-# reads the model's state (full mlflow brings it, skinny does not).
-RUN pip install --no-cache-dir \
-        "mlflow-skinny==3.17.2" "scikit-learn==1.9.1" "pandas==3.1.1" "numpy==2.4.6" \
-        "scipy==1.17.1" "skops==0.16.0" "boto3==1.44.8" "pydantic-settings==2.16.3" \
-        "click==8.5.1"
+WORKDIR /var/task
 
-COPY --from=model / /opt/ml/model/
-COPY serve/ ${LAMBDA_TASK_ROOT}/serve/
+# Test suites of the scientific packages are dropped (~70 MB that never run in a function).
+COPY serve/requirements-model.txt serve/requirements-lambda.txt /var/task/
+RUN --mount=type=cache,id=duration-pip,target=/root/.cache/pip \
+    pip install -r /var/task/requirements-lambda.txt \
+ && site=$(python -c "import sysconfig; print(sysconfig.get_path('purelib'))") \
+ && find "$site/pandas" "$site/numpy" "$site/scipy" "$site/sklearn" \
+         -depth -type d -name tests -exec rm -rf {} +
 
+COPY serve/ /var/task/serve/
+
+# The runtime interface client polls the Lambda Runtime API and calls the handler.
+ENTRYPOINT ["python", "-m", "awslambdaric"]
 CMD ["serve.lambda_function.lambda_handler"]
+
+# --target baked: the model folder of `mlflow artifacts download` inside the image.
+FROM function AS baked
+ARG MODEL_VERSION=""
+COPY build/model/ /opt/ml/model/
+ENV MODEL_LOCATION=/opt/ml/model \
+    MODEL_VERSION=${MODEL_VERSION}
+
+# The default target: the model comes from MODEL_URI at cold start.
+FROM function

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from serve.errors import ModelNotReady
+from serve.urls import masked
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _missing(client: MlflowClient, name: str, alias: str | None, ref: str | None
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models(max_results=50))
         guess = difflib.get_close_matches(name, names, n=1)
-        return (f"no registered model named {name!r} at {mlflow.get_tracking_uri()}"
+        return (f"no registered model named {name!r} at {masked(mlflow.get_tracking_uri())}"
                 + (f" (did you mean {guess[0]!r}?)" if guess else "")
                 + (f"; registered models: {', '.join(names)}" if names else
                    "; none is registered yet: train one with `python train.py`"))

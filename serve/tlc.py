@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from serve.atomic import atomic_path
 from serve.errors import InvalidInput
 from serve.features import RIDE_COLUMNS, check_rides, duration_mask, ride_durations
+from serve.urls import masked
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,18 @@ def tlc_url(taxi: str, month: str) -> str:
     return TLC_URL.format(taxi=taxi, month=month)
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem honouring the usual endpoint/region environment variables."""
+def s3_endpoint() -> tuple[str | None, str]:
+    """The S3 endpoint (``None``: AWS) and region from the usual environment variables, for
+    every S3 client of the data paths (pyarrow's and boto3's alike)."""
     endpoint = (os.getenv("AWS_ENDPOINT_URL_S3") or os.getenv("AWS_ENDPOINT_URL")
                 or os.getenv("MLFLOW_S3_ENDPOINT_URL"))
     region = os.getenv("AWS_REGION") or os.getenv("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem honouring the usual endpoint/region environment variables."""
+    endpoint, region = s3_endpoint()
     return pafs.S3FileSystem(endpoint_override=endpoint, region=region,
                              allow_bucket_creation=False)
 
@@ -76,11 +85,11 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
         return dest
     # A temporary file of this download only (concurrent downloads each have their own),
     # deleted on any failure: the cache holds complete files or nothing.
-    log.info("downloading %s", url)
+    log.info("downloading %s", masked(url))
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh, \
             requests.get(url, stream=True, timeout=(10, 60)) as resp:
         if resp.status_code != 200:
-            raise InvalidInput(f"cannot download {url}: HTTP {resp.status_code}")
+            raise InvalidInput(f"cannot download {masked(url)}: HTTP {resp.status_code}")
         total = int(resp.headers.get("content-length", 0)) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=name,
                   disable=not sys.stderr.isatty()) as bar:
@@ -92,37 +101,47 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
 
 def open_parquet(uri: str) -> pq.ParquetFile:
     """Open a parquet file from a local path, ``s3://`` URI or ``http(s)://`` URL."""
+    shown = masked(uri)
     if urlparse(uri).scheme in ("http", "https"):
         import requests
 
         try:
             uri = str(download(uri))
         except requests.RequestException as e:  # offline, DNS, a cut connection, ...
-            raise InvalidInput(f"cannot download {uri} ({type(e).__name__}): check the URL and "
-                               "the network, or pass a local copy") from e
+            raise InvalidInput(f"cannot download {shown} ({type(e).__name__}): check the URL "
+                               "and the network, or pass a local copy") from e
     fs, path = resolve(uri)
     try:
         # Opened by ParquetFile itself, so closing it (or leaving its `with`) closes the file.
         return pq.ParquetFile(path, filesystem=fs)
     except FileNotFoundError as e:
-        raise InvalidInput(f"no such file: {uri}") from e
-    except (OSError, pa.ArrowException) as e:  # not parquet, a folder, S3 access denied, ...
-        raise InvalidInput(f"cannot read {uri} as parquet: {e}") from e
+        raise InvalidInput(f"no such file: {shown}") from e
+    except (OSError, pa.ArrowException) as e:  # 0 bytes, truncated, not parquet, no access
+        raise InvalidInput(f"{shown}: not a readable parquet file: {first_line(e)}") from e
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (pyarrow and drivers add pages of detail)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def trip_columns(names, source: str) -> tuple[str, str]:
     """Pickup and dropoff column names among ``names`` (green ``lpep_*``, yellow ``tpep_*``),
     checking the ride columns are there too; InvalidInput naming the first missing one.
     One check for every reader: parquet files, database tables, Spark frames."""
-    names = set(names)
-    pickup = next((c for c in PICKUP_COLUMNS if c in names), None)
-    dropoff = next((c for c in DROPOFF_COLUMNS if c in names), None)
+    counts = Counter(names)
+    pickup = next((c for c in PICKUP_COLUMNS if c in counts), None)
+    dropoff = next((c for c in DROPOFF_COLUMNS if c in counts), None)
     if pickup is None or dropoff is None:
         raise InvalidInput(f"{source}: not TLC trips: no pickup/dropoff datetime columns in "
-                           f"{sorted(names)}", field="pickup_datetime")
-    missing = [c for c in RIDE_COLUMNS if c not in names]
+                           f"{sorted(counts)}", field="pickup_datetime")
+    missing = [c for c in RIDE_COLUMNS if c not in counts]
     if missing:
         raise InvalidInput(f"{source}: missing column {missing[0]!r}", field=missing[0])
+    for c in (pickup, dropoff, *RIDE_COLUMNS):
+        if counts[c] > 1:
+            raise InvalidInput(f"{source}: column {c!r} appears {counts[c]} times: which one "
+                               f"holds the rides is ambiguous", field=c)
     return pickup, dropoff
 
 
@@ -141,5 +160,6 @@ def read_training_frame(uri: str) -> pd.DataFrame:
     out["PULocationID"] = out["PULocationID"].astype(np.int64)
     out["DOLocationID"] = out["DOLocationID"].astype(np.int64)
     out["duration"] = minutes[keep]
-    log.info("%s: %d rows, %d kept (1 <= minutes <= 60, valid rides)", uri, len(df), len(out))
+    log.info("%s: %d rows, %d kept (1 <= minutes <= 60, valid rides)", masked(uri), len(df),
+             len(out))
     return out

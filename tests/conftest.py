@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +121,55 @@ def postgres() -> str:
     ensure_role_and_database(user, password, db)
     yield f"postgresql+psycopg2://{user}:{password}@127.0.0.1:5432/{db}"
     drop_database_and_role(user, db)
+
+
+def _container_items(session) -> list:
+    return [i for i in session.items if i.nodeid.startswith("tests/test_containers.py")
+            and "images" in i.fixturenames]
+
+
+@pytest.fixture(scope="session")
+def container_images(request, tmp_path_factory):
+    """The images the selected tests of tests/test_containers.py name
+    (``@pytest.mark.image(key)``), built in parallel in the background, then reported (size,
+    build time) and removed with everything the session ran."""
+    from docker_helpers import Images, start_session_builds
+
+    t0 = time.monotonic()
+    keys = {m.args[0] for i in _container_items(request.session) for m in i.iter_markers("image")}
+    tracking_uri = None
+    if "model" in keys:  # MLflow's image bakes the production model in
+        tracking_uri = request.getfixturevalue("tracking_server").uri
+        request.getfixturevalue("registered_model")
+    images = Images(tmp_path_factory.mktemp("docker"))
+    start_session_builds(images, keys, tracking_uri)
+    yield images
+    lines = images.cleanup()
+    text = "\n".join([f"container images (built in parallel, {time.monotonic() - t0:.0f} s "
+                      "from the first build to their removal):", *("  " + x for x in lines)])
+    if hasattr(request.config, "workeroutput"):  # an xdist worker: the controller prints it
+        request.config.workeroutput["container_images"] = text
+        return
+    report = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if report is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            report.write_line("\n" + text)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _container_builds_from_the_start(request):
+    """In one process (no xdist), start the container tests' builds with the session, so
+    they overlap the other test files; under xdist, their worker starts them with the file
+    (the other workers run the other files meanwhile)."""
+    if not hasattr(request.config, "workerinput") and _container_items(request.session):
+        request.getfixturevalue("container_images")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist: print the container images' report of the worker that built them."""
+    text = getattr(node, "workeroutput", {}).get("container_images")
+    report = node.config.pluginmanager.get_plugin("terminalreporter")
+    if text and report is not None:
+        report.write_line("\n" + text)

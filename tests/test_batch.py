@@ -253,9 +253,15 @@ def test_rejects_file_for_planted_bad_rows(tmp_path, model_uri, tracking_server)
     rej = _read(result.rejects)
     assert result.rejects.endswith("_rejects/taxi_type=yellow/year=2021/month=04/rejects.parquet")
     assert rej["ride_id"].tolist() == [f"2021/04_{i}" for i in (10, 20, 30, 40, 50)]
-    assert [r.split(" ")[0] for r in rej["reason"]] == [
-        "PULocationID", "PULocationID", "DOLocationID", "trip_distance", "trip_distance"]
-    assert rej["DOLocationID"].iloc[2] == 300
+    # each reason shows the value that broke the rule; location ids stay integers
+    assert rej["reason"].tolist() == [
+        "PULocationID must be an integer in 1..265, got 0",
+        "PULocationID must be an integer in 1..265, got null",
+        "DOLocationID must be an integer in 1..265, got 300",
+        "trip_distance must be a finite number >= 0, got -2.0",
+        "trip_distance must be a finite number >= 0, got inf"]
+    assert pq.read_schema(result.rejects).field("PULocationID").type == pa.int64()
+    assert rej["PULocationID"].tolist()[:1] == [0] and rej["DOLocationID"].iloc[2] == 300
     assert result.metrics["rows_rejected"] == 5
     assert len(_read(result.predictions)) == 5_000 - 5
 
@@ -340,7 +346,9 @@ def test_postgres_table_input(tmp_path, months, model_uri, postgres, tracking_se
     result = score_month(model_uri, url, str(tmp_path / "out"), "green", "2021-03",
                          evaluate=False, settings=BatchSettings(batch_rows=7_000))
     assert "?table=rides&month=2021-03" in result.input
-    assert "duration_test:" not in result.input  # no password in logs and runs
+    password = postgres.rpartition("@")[0].rpartition(":")[2]
+    assert len(password) == 24 and password in url
+    assert password not in result.input  # not in logs and runs
     out = _read(result.predictions)
     ref = _read(score_month(model_uri, str(months.test), str(tmp_path / "ref"), "green",
                             "2021-03", evaluate=False).predictions)

@@ -226,25 +226,28 @@ def test_no_registered_model_at_all_says_none_exist(tmp_path, months):
                    "python train.py")
 
 
-def _table_url(postgres: str, **query) -> str:
-    return postgres + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+def _table(postgres: str, table: str) -> tuple[str, str]:
+    """The README's form of a table input (no password in the URL) and the password."""
+    head, _, host = postgres.rpartition("@")
+    scheme_user, _, password = head.rpartition(":")
+    return f"{scheme_user}@{host}?table={table}&month=2021-02", password
 
 
 def test_batch_names_a_missing_database_table(tmp_path, postgres, registered_model):
     table = f"rides_{secrets.token_hex(3)}"
-    res = run(["-m", "serve.batch", "--input", _table_url(postgres, table=table,
-                                                          month="2021-02"),
-               "--output", str(tmp_path / "out")], tmp_path)
+    url, password = _table(postgres, table)
+    res = run(["-m", "serve.batch", "--input", url, "--taxi-type", "green", "--output",
+               str(tmp_path / "out")], tmp_path, {"PGPASSWORD": password})
     one_error_line(res, table)
 
 
 def test_batch_names_a_wrong_database_password_without_printing_it(tmp_path, postgres,
                                                                    registered_model):
     wrong = f"wrong{secrets.token_hex(6)}"
-    url = re.sub(r"://([^:]+):[^@]+@", rf"://\1:{wrong}@", postgres)
-    res = run(["-m", "serve.batch", "--input", _table_url(url, table="rides", month="2021-02"),
-               "--output", str(tmp_path / "out")], tmp_path)
-    one_error_line(res, "password")
+    url, _ = _table(postgres, "rides")
+    res = run(["-m", "serve.batch", "--input", url, "--taxi-type", "green", "--output",
+               str(tmp_path / "out")], tmp_path, {"PGPASSWORD": wrong})
+    one_error_line(res, "password", "PGPASSWORD")
     assert wrong not in res.stdout + res.stderr
 
 

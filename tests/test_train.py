@@ -453,12 +453,23 @@ def test_failed_downloads_leave_nothing_in_the_cache(broken_http_server, months,
 
 
 def test_latest_resolves_to_the_highest_version(registered_model, tracking_server):
+    """Three versions of a model of its own (no other test moves them): the highest is
+    neither the one in a stage nor the one an alias points at, nor the first."""
     from serve.registry import resolve_model
 
     client = MlflowClient()
-    highest = max(int(v.version) for v in client.search_model_versions("name='duration'"))
-    for uri in ("models:/duration/latest", "models:/duration/Latest"):
+    source = client.get_model_version("duration", registered_model["version"])
+    name = "duration-latest-test"
+    for _ in range(3):  # the same logged model, registered three times
+        mlflow.register_model(source.source, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        client.transition_model_version_stage(name, "2", "Production")
+    client.set_registered_model_alias(name, "production", "1")
+    for uri in (f"models:/{name}/latest", f"models:/{name}/Latest"):
         ref = resolve_model(uri)
-        assert ref.version == str(highest)
-        assert ref.pinned_uri == f"models:/duration/{highest}"
-        assert ref.run_id == client.get_model_version("duration", str(highest)).run_id
+        assert ref.version == "3"
+        assert ref.pinned_uri == f"models:/{name}/3"
+        assert ref.run_id == source.run_id
+    assert resolve_model(f"models:/{name}/Production").version == "2"
+    assert resolve_model(f"models:/{name}@production").version == "1"

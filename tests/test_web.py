@@ -279,16 +279,19 @@ MALFORMED = {
                          {"dataframe_records": [{**RIDE, "DOLocationID": 999}]}, JSON_CT, 400,
                          "DOLocationID"),
     "inv-word-id": ("POST", "/invocations",
-                    {"dataframe_records": [{**RIDE, "PULocationID": "abc"}]}, JSON_CT, 400, ""),
+                    {"dataframe_records": [{**RIDE, "PULocationID": "abc"}]}, JSON_CT, 400,
+                    "PULocationID"),
     "inv-split-ragged": ("POST", "/invocations",
                          {"dataframe_split": {"columns": list(RIDE), "data": [[1, 2]]}}, JSON_CT,
-                         400, ""),
-    "inv-empty": ("POST", "/invocations", {"dataframe_records": []}, JSON_CT, 400, ""),
+                         400, "dataframe_split"),
+    "inv-empty": ("POST", "/invocations", {"dataframe_records": []}, JSON_CT, 400,
+                  "missing inputs"),
     "inv-format-param": ("POST", "/invocations", {"dataframe_records": [RIDE]},
                          "application/json; format=pandas-records", 415, "format"),
     "inv-csv-missing-column": ("POST", "/invocations", b"PULocationID,DOLocationID\n1,2\n",
                                "text/csv", 400, "trip_distance"),
-    "inv-csv-garbage": ("POST", "/invocations", b"\x00\x01\x02", "text/csv", 400, ""),
+    "inv-csv-garbage": ("POST", "/invocations", b"\x00\x01\x02", "text/csv", 400,
+                        "missing inputs"),
     "inv-parquet-garbage": ("POST", "/invocations", b"PAR1 not parquet",
                             "application/vnd.apache.parquet", 400, "parquet"),
     "inv-too-many-rows": ("POST", "/invocations", {"dataframe_records": [RIDE] * (MAX_ROWS + 1)},
@@ -302,7 +305,8 @@ MALFORMED = {
                           JSON_CT, 400, "trip_distance"),
     "inv-distance-huge-int": ("POST", "/invocations",
                               b'{"dataframe_records": [{"PULocationID": 1, "DOLocationID": 2, '
-                              b'"trip_distance": 1' + b"0" * 400 + b"}]}", JSON_CT, 400, ""),
+                              b'"trip_distance": 1' + b"0" * 400 + b"}]}", JSON_CT, 400,
+                              "trip_distance"),
 }
 
 
@@ -320,8 +324,15 @@ def test_malformed_requests_get_a_4xx_json_error_without_traceback(web, case):
     assert "Traceback" not in r.text and 'File "' not in r.text
 
 
-def test_malformed_table_is_at_least_25_cases():
-    assert len(MALFORMED) >= 25
+def test_malformed_table_covers_every_client_error_and_checks_each_message():
+    """A 4xx error type added to serve/errors.py needs a malformed case here, and no case
+    may pass whatever the message says."""
+    from serve import errors
+
+    client_errors = {c.status_code for c in vars(errors).values() if isinstance(c, type)
+                     and issubclass(c, errors.DurationError) and 400 <= c.status_code < 500}
+    assert client_errors <= {case[4] for case in MALFORMED.values()}
+    assert [name for name, case in MALFORMED.items() if not case[5]] == []
 
 
 # -- readiness and the prediction log --------------------------------------------------------

@@ -25,6 +25,7 @@ from ops.aws.events import (
     outputs_dict,
 )
 from ops.aws.template import load, parameter_list
+from serve.urls import masked
 
 Echo = Callable[[str], None]
 CAPABILITIES = ["CAPABILITY_IAM"]  # the template creates roles, never with fixed names
@@ -188,5 +189,5 @@ def status(aws: Aws, name: str, echo: Echo) -> dict:
         echo(f"  {r.get('ResourceStatus', '?'):<20} {r.get('LogicalResourceId') or '?':<26}"
              f" {r.get('ResourceType', '?'):<36} {r.get('PhysicalResourceId') or ''}")
     for key, value in outputs_dict(stack).items():
-        echo(f"  output {key} = {value}")
+        echo(f"  output {key} = {masked(str(value))}")
     return stack

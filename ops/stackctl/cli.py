@@ -31,6 +31,7 @@ from ops.stackctl.state import (
 )
 from serve.cli import Group
 from serve.logs import setup_logging
+from serve.urls import masked
 
 log = logging.getLogger("stack")
 
@@ -113,7 +114,8 @@ def health(paths: StackPaths, cfg: StackSettings) -> dict[str, str]:
         url = state.get(component, {}).get("uri") or state.get("s3", {}).get("endpoint")
         check = f"{url}/health" if component != "moto" else f"{url}/moto-api/"
         ok = bool(url) and _quiet(http_ok(check))
-        lines[component] = f"running, pid {pid}, {url} {'healthy' if ok else 'NOT answering'}"
+        health = "healthy" if ok else "NOT answering"
+        lines[component] = f"running, pid {pid}, {masked(url)} {health}"
     if not pids:
         return lines
     if pg := state.get("postgresql"):

@@ -12,16 +12,11 @@ import json
 import secrets
 from pathlib import Path
 
-from dotenv import dotenv_values
 from pydantic import Field, SecretStr
 
-from serve.atomic import write_atomic
+# Re-exported: the secrets checks live in ops.basic_auth, which the tracking image runs too.
+from ops.basic_auth import PLACEHOLDERS, example_values, is_placeholder, write_private  # noqa: F401
 from serve.config import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
-# Values nobody should run a server with; every value in .env.example is refused as well.
-PLACEHOLDERS = {"changeme", "change-me", "change_me", "password", "passwd", "secret", "admin",
-                "mlflow", "postgres", "test", "testing", "example", "xxx", "todo"}
 
 
 class StackSettings(Settings):
@@ -54,21 +49,6 @@ class StackSettings(Settings):
         None, description="Basic-auth admin password (--auth); placeholders are refused.")
 
 
-def example_values(path: Path = ROOT / ".env.example") -> set[str]:
-    """Every non-empty value in ``.env.example``: placeholders by definition."""
-    if not path.exists():
-        return set()
-    return {v.strip() for v in dotenv_values(path).values() if v and v.strip()}
-
-
-def is_placeholder(value: str | None) -> bool:
-    """Whether ``value`` is empty or a placeholder (a known one or any from .env.example)."""
-    if not value or not value.strip():
-        return True
-    v = value.strip()
-    return v.lower() in PLACEHOLDERS or v in example_values() or v.strip("<>") != v
-
-
 def _secrets_file(home: Path) -> Path:
     return home / "secrets.json"
 
@@ -81,12 +61,6 @@ def kept_secret(home: Path, name: str) -> str:
         data[name] = secrets.token_urlsafe(24)
         write_private(path, json.dumps(data, indent=1))
     return data[name]
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider),
-    atomically."""
-    write_atomic(path, text, mode=0o600)
 
 
 def secret_value(value: SecretStr | None) -> str | None:

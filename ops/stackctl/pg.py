@@ -13,6 +13,7 @@ from urllib.parse import quote
 from ops.procs import port_open, wait_for
 from ops.stackctl.config import StackSettings, is_placeholder, kept_secret, secret_value
 from ops.stackctl.state import StackPaths, save_state
+from serve.urls import masked
 
 log = logging.getLogger("stack")
 
@@ -32,15 +33,6 @@ def store_uri(user: str, password: str, host: str, port: int, db: str) -> str:
     """SQLAlchemy URL for MLflow's backend store (psycopg2 driver; the password URL-quoted)."""
     return (f"postgresql+psycopg2://{quote(user, safe='')}:{quote(password, safe='')}"
             f"@{host}:{port}/{quote(db, safe='')}")
-
-
-def masked(uri: str) -> str:
-    """``uri`` with its password replaced by ``***``, for logs and messages."""
-    head, sep, tail = uri.partition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return uri
-    scheme, rest = head.split("//", 1)
-    return f"{scheme}//{rest.split(':', 1)[0]}:***@{tail}"
 
 
 def pg_ready(host: str = "127.0.0.1", port: int = 5432) -> bool:

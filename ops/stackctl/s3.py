@@ -13,6 +13,7 @@ from ops.moto import MOTO_CREDENTIALS, moto_cmd, moto_ready
 from ops.procs import free_port, port_open, wait_for
 from ops.stackctl.config import StackSettings, secret_value
 from ops.stackctl.state import StackPaths, load_state, read_pid, save_state, start_component
+from serve.urls import masked
 
 log = logging.getLogger("stack")
 
@@ -138,7 +139,7 @@ def prepare_s3(paths: StackPaths, cfg: StackSettings, started: list[str]) -> dic
     env = s3_env(cfg, endpoint, moto)
     created = ensure_bucket(endpoint, cfg.stack_s3_bucket, {**os.environ, **env},
                             timeout=cfg.stack_wait_seconds)
-    log.info("s3 ready: %s bucket %s%s", endpoint, cfg.stack_s3_bucket,
+    log.info("s3 ready: %s bucket %s%s", masked(endpoint), cfg.stack_s3_bucket,
              " (created)" if created else "")
     save_state(paths, s3={"endpoint": endpoint, "bucket": cfg.stack_s3_bucket,
                           "prefix": cfg.stack_s3_prefix, "moto": moto})

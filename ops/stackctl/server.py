@@ -12,13 +12,8 @@ from pathlib import Path
 
 import click
 
-from ops.stackctl.config import (
-    StackSettings,
-    is_placeholder,
-    kept_secret,
-    secret_value,
-    write_private,
-)
+from ops.basic_auth import check_admin_password, write_auth_ini
+from ops.stackctl.config import StackSettings, kept_secret, secret_value
 from ops.stackctl.state import StackPaths
 
 
@@ -68,27 +63,15 @@ def default_allowed_hosts(host: str) -> str:
 
 def admin_password(cfg: StackSettings) -> str:
     """The basic-auth admin password; empty, short or placeholder values are refused."""
-    password = secret_value(cfg.mlflow_auth_admin_password)
-    if is_placeholder(password):
-        raise click.ClickException(
-            "auth: MLFLOW_AUTH_ADMIN_PASSWORD is empty or a placeholder; set a real password "
-            "(12+ characters) in the environment or .env")
-    if len(password) < 12:
-        raise click.ClickException("auth: MLFLOW_AUTH_ADMIN_PASSWORD must have 12+ characters")
-    return password
+    try:
+        return check_admin_password(secret_value(cfg.mlflow_auth_admin_password))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def auth_env(paths: StackPaths, cfg: StackSettings, database_uri: str) -> dict[str, str]:
     """Environment for MLflow's basic-auth app: its ini (0600, in STACK_HOME) and CSRF key."""
-    password = admin_password(cfg)
-
-    def esc(value: str) -> str:  # configparser interpolates '%'
-        return value.replace("%", "%%")
-
     ini = paths.home / "auth" / "basic_auth.ini"
-    write_private(ini, "[mlflow]\ndefault_permission = READ\n"
-                       f"database_uri = {esc(database_uri)}\n"
-                       f"admin_username = {esc(cfg.mlflow_auth_admin_username)}\n"
-                       f"admin_password = {esc(password)}\n")
+    write_auth_ini(ini, database_uri, cfg.mlflow_auth_admin_username, admin_password(cfg))
     return {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": kept_secret(paths.home, "flask_secret_key")}

@@ -10,7 +10,8 @@ from serve.errors import InvalidInput
 PREDICTIONS_FILE = "predictions.parquet"
 REJECTS_FILE = "rejects.parquet"
 REJECTS_DIR = "_rejects"
-TAXI_TYPES = ("green", "yellow", "fhv", "fhvhv")
+TAXI_TYPES = ("green", "yellow")  # the TLC trip records that carry trip_distance
+NO_DISTANCE = ("fhv", "fhvhv")  # TLC for-hire vehicle records: no trip_distance column
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 # A TLC file name, or a backfill template of one (`yellow_tripdata_{month}.parquet`).
 _TLC_NAME = re.compile(
@@ -23,6 +24,18 @@ def parse_month(month: str, option: str = "--month") -> tuple[int, int]:
     if not m or not 1 <= int(m[2]) <= 12:
         raise InvalidInput(f"{option} must be YYYY-MM, got {month!r}", field=option)
     return int(m[1]), int(m[2])
+
+
+def check_taxi_type(taxi: str, option: str = "--taxi-type") -> str:
+    """``taxi`` if it can be scored; InvalidInput explaining why fhv/fhvhv cannot."""
+    if taxi in NO_DISTANCE:
+        raise InvalidInput(f"{option} {taxi}: TLC {taxi} trip records have no trip_distance, "
+                           f"which the model needs; only {' and '.join(TAXI_TYPES)} months "
+                           f"can be scored", field=option)
+    if taxi not in TAXI_TYPES:
+        raise InvalidInput(f"{option} must be one of {', '.join(TAXI_TYPES)}, got {taxi!r}",
+                           field=option)
+    return taxi
 
 
 def month_range(first: str, last: str) -> list[str]:

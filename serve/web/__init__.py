@@ -22,5 +22,6 @@ The parts, lowest first (a module imports only those above it):
 * :mod:`~serve.web.holder`: the active model and its hot swap (registry poller);
 * :mod:`~serve.web.service`: the endpoints as functions of (body, content type), no ASGI;
 * :mod:`~serve.web.app`: the raw ASGI adapter (routing, body limits, errors, lifespan);
-* :mod:`~serve.web.cli`: the click command that runs uvicorn (``python -m serve.web``).
+* :mod:`~serve.web.server`: uvicorn with a drain on SIGTERM and a clean exit;
+* :mod:`~serve.web.cli`: the click command that runs it (``python -m serve.web``).
 """

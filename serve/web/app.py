@@ -31,6 +31,8 @@ class WebApp:
 
     def __init__(self, service: Service):
         self.service = service
+        # Requests handed to the app and responses it sent: equal at a clean stop (logged).
+        self.received = self.answered = 0
         s = service
         self.routes = {
             "/predict": ("POST", s.predict), "/invocations": ("POST", s.invocations),
@@ -53,6 +55,8 @@ class WebApp:
                     self.service.predlog.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                log.info("stopped: %d requests received, %d answered", self.received,
+                         self.answered)
                 self.service.holder.stop()
                 if self.service.predlog is not None:
                     await asyncio.to_thread(self.service.predlog.close)
@@ -61,6 +65,7 @@ class WebApp:
 
     async def http(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
+        self.received += 1
         path = scope["path"]
         route = self.routes.get(path)
         endpoint = path if route else "other"
@@ -89,6 +94,7 @@ class WebApp:
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", str(len(response.body)).encode())]})
         await send({"type": "http.response.body", "body": response.body})
+        self.answered += 1
         self.service.metrics.observe(endpoint, response.status, time.perf_counter() - t0)
 
     async def _read(self, scope, receive) -> tuple[str | None, bytes]:

@@ -10,7 +10,9 @@ import click
 from serve.cli import Command
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
+from serve.urls import masked
 from serve.web.app import create_app
+from serve.web.server import serve
 from serve.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
          log_level) -> None:
     """Serve the ride-duration model: /predict, /invocations, /health, /ready, /version,
     /metrics."""
-    import uvicorn
-
     setup_logging(log_level)
     overrides = {k: v for k, v in {
         "model_uri": model_uri, "web_host": host, "web_port": port,
@@ -64,9 +64,7 @@ def main(model_uri, host, port, poll_interval, max_body_bytes, max_rows, log_pre
 
     prometheus_client.disable_created_metrics()
     log.info("serving %s on http://%s:%d (registry %s, poll every %.0f s)", settings.model_uri,
-             settings.web_host, settings.web_port, tracking_uri,
+             settings.web_host, settings.web_port, masked(tracking_uri),
              settings.web_poll_interval)
-    uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                log_level=log_level, timeout_graceful_shutdown=10)
+    serve(create_app(settings), settings.web_host, settings.web_port, log_level)
 
