@@ -2,7 +2,8 @@
 
     python train.py --train data/green_tripdata_2021-01.parquet \
                     --val data/green_tripdata_2021-02.parquet
-    mlflow run . --env-manager local -P train=... -P val=...   # or --env-manager uv (no conda)
+    mlflow run . --env-manager local --experiment-name duration -P train=... -P val=...
+                                      # or --env-manager uv (no conda)
 
 ``--train``/``--val`` take a local path, an ``s3://`` URI or an ``https://``
 URL (the public TLC files). The logged model is a pyfunc that takes raw rides;
@@ -26,12 +27,15 @@ import numpy as np
 import pandas as pd
 
 from serve import registry
+from serve.cli import Command
 from serve.config import (
     PRODUCTION_ALIAS,
     PRODUCTION_STAGE,
     REGISTERED_MODEL_NAME,
+    require_tracking_server,
     use_tracking_server,
 )
+from serve.errors import InvalidInput
 from serve.features import RIDE_COLUMNS, ride_dicts, validate_rides
 from serve.logs import setup_logging
 from serve.model import RideDurationModel
@@ -57,6 +61,18 @@ def build_estimator(kind: str, n_estimators: int, max_depth: int, min_samples_le
         return RandomForestRegressor(n_estimators=n_estimators, max_depth=max_depth or None,
                                      min_samples_leaf=min_samples_leaf, n_jobs=-1, random_state=0)
     raise click.BadParameter(f"model must be lr or rf, got {kind!r}")
+
+
+def read_month(uri: str, option: str) -> pd.DataFrame:
+    """The month behind ``option`` (``--train``, ...); a bad one is an error naming the option."""
+    try:
+        return read_training_frame(uri)
+    except InvalidInput as e:
+        hint = ""
+        if e.message.startswith("no such file"):
+            hint = (" (write a synthetic month with `python -m ops.synth --month YYYY-MM`, or "
+                    "pass a TLC URL)")
+        raise InvalidInput(f"{option}: {e.message}{hint}", field=option) from e
 
 
 def fit_model(train_df: pd.DataFrame, estimator) -> RideDurationModel:
@@ -233,20 +249,25 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    use_tracking_server()
+    require_tracking_server(use_tracking_server())
 
-    train_df = read_training_frame(train)
-    val_df = read_training_frame(val)
-    test_df = read_training_frame(test) if test else None
+    train_df = read_month(train, "--train")
+    val_df = read_month(val, "--val")
+    test_df = read_month(test, "--test") if test else None
     if train_rows and train_rows < len(train_df):
         train_df = train_df.sample(n=train_rows, random_state=seed).reset_index(drop=True)
-    if train_df.empty or val_df.empty:
-        raise click.UsageError("no rows left after filtering: check --train/--val")
+    for option, df in (("--train", train_df), ("--val", val_df)):
+        if df.empty:
+            raise InvalidInput(f"{option}: no ride of 1 to 60 minutes with valid fields in "
+                               f"{train if option == '--train' else val}", field=option)
 
     estimator = build_estimator(model, n_estimators, max_depth, min_samples_leaf)
     # Under `mlflow run` the run (and its experiment) is given to us: respect it.
     experiment_id = None if os.getenv("MLFLOW_RUN_ID") else registry.experiment_id(experiment)
     with mlflow.start_run(experiment_id=experiment_id) as run:
+        if experiment_id is None and run.info.experiment_id == "0":  # mlflow run, no flag
+            log.warning("this run is in experiment Default: give `mlflow run` "
+                        "--experiment-name %s to keep runs together", experiment)
         mlflow.log_params({"model": model, "train": train, "val": val,
                            "train_rows_limit": train_rows})
         if model == "rf":
@@ -288,7 +309,7 @@ def run_training(train: str, val: str, model: str = "lr", n_estimators: int = 50
             "reason": decision.reason, **metrics}
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--train", "train", required=True,
               help="Training month: local path, s3:// URI or https:// URL of a TLC parquet file.")
 @click.option("--val", "val", required=True, help="Validation month, same forms as --train.")

@@ -6,8 +6,11 @@
 4. serves ``models:/duration/Production`` with ``mlflow models serve`` and prints
    one prediction for a sample ride.
 
-Each step's output is in ``.stack/demo/logs``. Ctrl-C or a failing step still
-stops every process the demo started.
+Everything it writes is under ``$STACK_HOME/demo`` (default ``.stack/demo``): the
+months in ``data/`` (never the real TLC names under the repository's ``data/``), the
+throwaway server's store in ``state/`` (wiped at each start, so every demo trains and
+promotes version 1 from scratch), each step's output in ``logs/``. Ctrl-C or a failing
+step still stops every process the demo started.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from ops.moto import start_moto
 from ops.procs import free_port, http_ok, spawn, stop
 from ops.stackctl.server import embedded_server_cmd, server_env
 from ops.synth import write_month
+from serve.config import stack_home
 from serve.logs import setup_logging
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-HOME = ROOT / ".stack" / "demo"
+HOME = stack_home() / "demo"
 SAMPLE_RIDE = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 
 
@@ -80,7 +84,7 @@ class Demo:
         return uri
 
     def data(self) -> tuple[Path, Path]:
-        data = ROOT / "data"
+        data = HOME / "data"
         train = write_month("green", "2021-01", 200_000, data / "green_tripdata_2021-01.parquet")
         val = write_month("green", "2021-02", 200_000, data / "green_tripdata_2021-02.parquet", 1)
         log.info("synthetic months: %s, %s", train, val)
@@ -156,7 +160,8 @@ class Demo:
 def main() -> None:
     setup_logging("INFO")
     signal.signal(signal.SIGTERM, _terminate)
-    shutil.rmtree(HOME / "logs", ignore_errors=True)
+    for old in ("logs", "state"):  # a throwaway server: nothing of the last demo is kept
+        shutil.rmtree(HOME / old, ignore_errors=True)
     (HOME / "logs").mkdir(parents=True)
     try:
         run_demo()

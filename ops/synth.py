@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from serve.atomic import atomic_path
+from serve.batch.months import parse_month
+from serve.cli import Command
 from serve.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,11 @@ class City:
 
 
 def synth_month(taxi: str, month: str, rows: int, seed: int = 0) -> pa.Table:
-    """A TLC-schema table for one month of ``taxi`` ('green' or 'yellow') rides."""
+    """A TLC-schema table for one month (``YYYY-MM``) of ``taxi`` ('green' or 'yellow') rides."""
     if taxi not in PICKUP:
         raise click.BadParameter(f"taxi must be green or yellow, got {taxi!r}")
-    start = pd.Timestamp(f"{month}-01")
+    year, mm = parse_month(month)  # 2021-1 or 202101 would write a name no reader finds
+    start = pd.Timestamp(year=year, month=mm, day=1)
     end = start + pd.offsets.MonthBegin(1)
     city = City()
     rng = np.random.default_rng([seed, start.year, start.month, 0 if taxi == "green" else 1])
@@ -195,11 +198,12 @@ def write_month(taxi: str, month: str, rows: int, out: str | Path, seed: int = 0
     return out
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--taxi", type=click.Choice(["green", "yellow"]), default="green", show_default=True,
               help="Taxi type: sets the lpep_*/tpep_* schema.")
 @click.option("--month", required=True, help="Month to generate, YYYY-MM.")
-@click.option("--rows", type=int, default=100_000, show_default=True, help="Number of rides.")
+@click.option("--rows", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Number of rides.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for which rides are drawn (the city itself is fixed).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve.errors import TrackingServerUnavailable
+from serve.urls import masked
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 DEFAULT_MODEL_URI = "models:/duration@production"
@@ -51,6 +55,40 @@ def use_tracking_server(settings: Settings | None = None) -> str:
         import mlflow
 
         mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def require_tracking_server(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Check that a tracking server answers at ``uri`` (default: the one MLflow uses) within
+    ``timeout`` seconds; returns ``uri``. Raises TrackingServerUnavailable with one line that
+    says what to do, instead of MLflow's minutes of retries ending in a traceback.
+
+    The one check every entry point makes right after :func:`use_tracking_server`:
+    ``require_tracking_server(use_tracking_server(settings))``. Only ``http(s)`` URIs are
+    checked (a local store needs no server); any answer but a 5xx counts as a server.
+    """
+    import requests
+
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        return uri
+    fix = "start it with `ops/stack up` or set MLFLOW_TRACKING_URI"
+    shown = masked(uri)
+    try:
+        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code
+    except requests.Timeout as e:
+        raise TrackingServerUnavailable(
+            f"no tracking server at {shown} (no answer within {timeout:g} s): {fix}") from e
+    except requests.RequestException as e:
+        raise TrackingServerUnavailable(
+            f"no tracking server at {shown} (cannot connect): {fix}") from e
+    if status >= 500:
+        raise TrackingServerUnavailable(
+            f"the tracking server at {shown} is not healthy (HTTP {status} on /health): "
+            f"see its log (`ops/stack status`), or set MLFLOW_TRACKING_URI to another one")
     return uri
 
 

@@ -50,6 +50,13 @@ class ModelNotReady(DurationError):
     status_code = 503
 
 
+class TrackingServerUnavailable(DurationError):
+    """No MLflow tracking server answers at the configured URI."""
+
+    error_code = "TRACKING_SERVER_UNAVAILABLE"
+    status_code = 503
+
+
 class NotFound(DurationError):
     """No such endpoint."""
 

@@ -11,6 +11,7 @@ model starts without importing MLflow at all.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import threading
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from serve.errors import ModelNotReady
+from serve.urls import masked
 
 log = logging.getLogger(__name__)
 
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))$")
 
 
@@ -153,27 +156,70 @@ def resolve_model(uri: str, client=None) -> ModelRef:
         return ModelRef(uri=uri, pinned_uri=uri)
     name, alias, ref = m["name"], m["alias"], m["ref"]
     try:
-        registry = _registry(client)
-        if alias:
-            mv = registry.get_model_version_by_alias(name, alias)
-        elif ref.isdigit():
-            mv = registry.get_model_version(name, ref)
-        else:
-            latest = ref.lower() == "latest"  # case-insensitive, like MLflow
-            # No stages: the latest version of every stage, the highest of which is latest.
-            versions = registry.get_latest_versions(name, None if latest else [ref])
-            if not versions:
-                raise ModelNotReady(f"model {name!r} has no versions" if latest else
-                                    f"no version of model {name!r} is in stage {ref!r}")
-            mv = max(versions, key=lambda v: int(v.version))
+        mv = _registered_version(_registry(client), name, alias, ref)
     except ModelNotReady as e:
         raise ModelNotReady(f"cannot resolve {uri!r}: {e.message}") from e
     except Exception as e:  # noqa: BLE001 - RegistryError, MlflowException, OSError
-        raise ModelNotReady(f"cannot resolve {uri!r}: {e}") from e
+        # A missing alias is INVALID_PARAMETER_VALUE, a missing model RESOURCE_DOES_NOT_EXIST.
+        why = (_missing(client, name, alias, ref)
+               if getattr(e, "error_code", None) in _NOT_FOUND else None)
+        raise ModelNotReady(f"cannot resolve {uri!r}: {why or e}") from e
     created = getattr(mv, "creation_timestamp", None)
     return ModelRef(uri=uri, pinned_uri=f"models:/{name}/{mv.version}", name=name,
                     version=str(mv.version), run_id=mv.run_id, source=mv.source,
                     created=int(created) if created is not None else None)
+
+
+def _registered_version(registry, name: str, alias: str | None, ref: str | None):
+    """The version ``@alias`` or ``/ref`` (a number, a stage or ``latest``) names."""
+    if alias:
+        return registry.get_model_version_by_alias(name, alias)
+    if ref.isdigit():
+        return registry.get_model_version(name, ref)
+    latest = ref.lower() == "latest"  # case-insensitive, like MLflow
+    # No stages: the latest version of every stage, the highest of which is latest.
+    versions = registry.get_latest_versions(name, None if latest else [ref])
+    if not versions:
+        raise ModelNotReady(f"model {name!r} has no versions" if latest else
+                            f"no version of model {name!r} is in stage {ref!r}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _missing(client, name: str, alias: str | None, ref: str | None) -> str | None:
+    """What does not exist, and what does instead: the registered models (a typo in the
+    name), the model's aliases or its versions; None if all of it exists (or the registry
+    cannot say). Only on this error path is MLflow imported."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    try:
+        return _what_exists(client, name, alias, ref)
+    except MlflowException:
+        return None
+
+
+def _what_exists(client, name: str, alias: str | None, ref: str | None) -> str | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        guess = difflib.get_close_matches(name, names, n=1)
+        return (f"no registered model named {name!r} at {masked(mlflow.get_tracking_uri())}"
+                + (f" (did you mean {guess[0]!r}?)" if guess else "")
+                + (f"; registered models: {', '.join(names)}" if names else
+                   "; none is registered yet: train one with `python train.py`"))
+    if alias:
+        known = ", ".join(sorted(model.aliases)) or "none"
+        return (None if alias in model.aliases else
+                f"model {name!r} has no alias {alias!r} (its aliases: {known})")
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    known = ", ".join(map(str, versions)) or "none"
+    return (None if not ref.isdigit() or int(ref) in versions else
+            f"model {name!r} has no version {ref} (its versions: {known})")
 
 
 def load_ref(ref: ModelRef) -> LoadedModel:

@@ -104,7 +104,13 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     """Open a parquet file from a local path, ``s3://`` URI or ``http(s)://`` URL."""
     shown = masked(uri)
     if urlparse(uri).scheme in ("http", "https"):
-        uri = str(download(uri))
+        import requests
+
+        try:
+            uri = str(download(uri))
+        except requests.RequestException as e:  # offline, DNS, a cut connection, ...
+            raise InvalidInput(f"cannot download {shown} ({type(e).__name__}): check the URL "
+                               "and the network, or pass a local copy") from e
     fs, path = resolve(uri)
     try:
         # Opened by ParquetFile itself, so closing it (or leaving its `with`) closes the file.

@@ -14,6 +14,7 @@ from ops.aws.deploy import AWS_ERRORS, Aws, StackError, deploy, status
 from ops.aws.destroy import destroy
 from ops.aws.events import env_lines, one_line, outputs_dict
 from ops.aws.template import ParameterError
+from serve.cli import Group
 
 _stack_name = click.option(
     "--stack-name", default=DEFAULT_STACK_NAME, show_default=True, envvar="DURATION_STACK_NAME",
@@ -50,7 +51,7 @@ def _print_outputs(name: str, stack: dict, aws: Aws) -> None:
         click.echo(line)
 
 
-@click.group()
+@click.group(cls=Group)
 def cli() -> None:
     """The production side on AWS as one CloudFormation stack (ops/aws/stack.yaml)."""
 

@@ -20,6 +20,8 @@ import datetime as dt
 
 import click
 
+from serve.cli import Command
+
 MONTHLY = "0 3 2 * *"  # 03:00 on the 2nd: the previous month is complete by then
 NO_PREFECT = ("prefect is not installed (it is not a dependency of this project): "
               "`pip install prefect` where the flow runs")
@@ -75,6 +77,7 @@ def build_flow():
         raise ImportError(NO_PREFECT) from e
 
     from serve.batch.run import backfill
+    from serve.config import require_tracking_server
 
     @task(retries=2, retry_delay_seconds=300)
     def score(model_uri: str, input_template: str | None, output: str, taxi_type: str,
@@ -89,8 +92,9 @@ def build_flow():
                    model_uri: str | None = None, taxi_type: str = "green",
                    month: str | None = None, first: str | None = None,
                    last: str | None = None, force: bool = False) -> list[dict]:
-        states = [score(**kwargs, return_state=True) for kwargs in plan(
-            output, input_template, model_uri, taxi_type, month, first, last, force)]
+        tasks = plan(output, input_template, model_uri, taxi_type, month, first, last, force)
+        require_tracking_server()  # the one plan() chose: fails in seconds without one
+        states = [score(**kwargs, return_state=True) for kwargs in tasks]
         failed = [s for s in states if s.is_failed()]
         if failed:  # every month was tried; the run fails naming the ones not scored
             raise RuntimeError("; ".join(str(s.result(raise_on_failure=False))
@@ -100,7 +104,7 @@ def build_flow():
     return batch_flow
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--output", required=True, help="Output root: local folder or s3:// prefix.")
 @click.option("--input", "input_template", default=None,
               help="Input with '{month}' (and '{taxi}'), or a PostgreSQL table URL without "

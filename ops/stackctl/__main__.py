@@ -3,4 +3,4 @@
 from ops.stackctl.cli import cli
 
 if __name__ == "__main__":
-    cli()
+    cli(prog_name="ops/stack")

@@ -22,13 +22,14 @@ from ops.stackctl.lifecycle import (
 )
 from ops.stackctl.pg import RESET_FLAG
 from ops.stackctl.state import stack_paths
+from serve.cli import Group
 from serve.logs import setup_logging
 
 log = logging.getLogger("stack")
 MODES = click.Choice(["embedded", "production"])
 
 
-@click.group()
+@click.group(cls=Group)
 def cli() -> None:
     """Start, stop, inspect, back up and restore the MLflow tracking stack."""
     setup_logging("INFO")

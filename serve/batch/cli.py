@@ -23,7 +23,8 @@ from serve.batch.months import (
     parse_month,
 )
 from serve.batch.run import ENGINES, BatchSettings, MonthResult, backfill
-from serve.config import use_tracking_server
+from serve.cli import Command
+from serve.config import require_tracking_server, use_tracking_server
 from serve.errors import DurationError, InvalidInput
 from serve.logs import setup_logging
 from serve.urls import has_password
@@ -66,7 +67,7 @@ def report(results: list[MonthResult]) -> None:
             f"was): " + "; ".join(f"{r.month}: {r.error}" for r in failed))
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--model-uri", default=None,
               help="Model to score with [default: MODEL_URI or models:/duration@production].")
 @click.option("--input", "input_uri", default=None,
@@ -93,7 +94,8 @@ def report(results: list[MonthResult]) -> None:
               help="Log the month's evaluation run to MLflow (experiment duration-batch).")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows per chunk [default: BATCH_ROWS or 262144].")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and the traceback of an error.")
 def main(model_uri, input_uri, output, taxi_type, month, first, last, force, max_reject_ratio,
          engine, spark_master, evaluate, batch_rows, verbose) -> None:
     """Score a month of rides (or a range of months) into predictions parquet."""
@@ -124,7 +126,7 @@ def main(model_uri, input_uri, output, taxi_type, month, first, last, force, max
             months, force_months = [month], True  # one month is re-scored
     except InvalidInput as e:
         raise click.UsageError(e.message) from e
-    use_tracking_server(settings)
+    require_tracking_server(use_tracking_server(settings))
     try:
         results = backfill(model_uri, input_uri, output, taxi_type, months, force=force_months,
                            **common)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from serve.config import Settings, use_tracking_server
+from serve.config import Settings, require_tracking_server, use_tracking_server
 from serve.stream.core import CollectingSink, LogSink, Sink, StreamService
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def load_stream_model(settings: StreamSettings):
                        version=settings.model_version,
                        run_id=getattr(pyfunc.metadata, "run_id", None))
         return LoadedModel(pyfunc=pyfunc, ref=ref)
-    use_tracking_server(settings)
+    require_tracking_server(use_tracking_server(settings))
     return load_model(settings.model_uri)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from serve.cli import Command
 from serve.config import stack_home
 from serve.logs import setup_logging
 from serve.stream.checkpoints import DryRunCheckpoints, consumer_checkpoints
@@ -37,7 +38,7 @@ def check_streams(client, input_stream: str, output_stream: str, dead_letter: st
         require_stream(client, dead_letter, "dead-letter stream (--dead-letter)")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--input-stream", required=True, help="Kinesis stream of ride events.")
 @click.option("--output-stream", required=True, help="Kinesis stream for prediction events.")
 @click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL", help=ENDPOINT_HELP)

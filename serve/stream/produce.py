@@ -17,6 +17,7 @@ import click
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
+from serve.cli import Command
 from serve.logs import setup_logging
 from serve.stream.codec import OutRecord, encode
 from serve.stream.sinks import MAX_RECORDS, KinesisSink
@@ -128,7 +129,7 @@ def payloads(records: Sequence[dict]) -> list[dict]:
     return [json.loads(r["Data"]) for r in records]
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--rides", required=True, help="TLC parquet month: local path, s3:// or https://.")
 @click.option("--stream", required=True, help="Kinesis stream to write ride events to.")
 @click.option("--endpoint-url", default=None, envvar="KINESIS_ENDPOINT_URL", help=ENDPOINT_HELP)

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from serve.cli import Command
 from serve.config import use_tracking_server
 from serve.logs import setup_logging
 from serve.urls import masked
@@ -22,6 +23,8 @@ def _bounded_registry_calls() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # Progress bars of artifact downloads are noise in a service log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A failed poll is logged once by the holder; urllib3's per-retry warnings only repeat it.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def prepare_process(settings: WebSettings, log_level: str) -> str:
@@ -36,7 +39,7 @@ def prepare_process(settings: WebSettings, log_level: str) -> str:
     return tracking_uri
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--model-uri", default=None,
               help="Model to serve [env MODEL_URI, default models:/duration@production].")
 @click.option("--host", default=None, help="Interface to bind [env WEB_HOST, default 127.0.0.1].")

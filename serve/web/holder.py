@@ -8,7 +8,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from serve.errors import ModelNotReady
+from serve.config import require_tracking_server
+from serve.errors import ModelNotReady, TrackingServerUnavailable
 from serve.registry import LoadedModel, load_ref, resolve_model
 from serve.web.metrics import Metrics
 
@@ -65,9 +66,11 @@ class ModelHolder:
             ref = resolve_model(self.uri)
         except Exception as e:  # noqa: BLE001 - unreachable registry, missing alias, ...
             self.metrics.poll_failures.inc()
-            self.last_error = f"registry poll failed: {type(e).__name__}: {e}"
-            log.warning("%s; still serving version %s", self.last_error,
-                        self.active.version if self.active else None)
+            try:  # said plainly when the tracking server itself is not there
+                require_tracking_server(timeout=2)
+                self._failed(logging.WARNING, f"registry poll failed: {type(e).__name__}: {e}")
+            except TrackingServerUnavailable as down:
+                self._failed(logging.WARNING, down.message)
             return False
         current = self.active
         if current is not None and current.loaded.ref.pinned_uri == ref.pinned_uri:
@@ -76,9 +79,8 @@ class ModelHolder:
             active = activate(load_ref(ref))
         except Exception as e:  # noqa: BLE001 - a broken version must not stop the old one
             self.metrics.load_failures.inc()
-            self.last_error = f"loading {ref.pinned_uri} failed: {type(e).__name__}: {e}"
-            log.error("%s; still serving version %s", self.last_error,
-                      current.version if current else None)
+            self._failed(logging.ERROR,
+                         f"loading {ref.pinned_uri} failed: {type(e).__name__}: {e}")
             return False
         self.active = active  # the swap
         self.last_error = None
@@ -101,6 +103,14 @@ class ModelHolder:
             log.warning("loading the pyfunc of version %s failed (%s: %s); /invocations "
                         "bodies that need MLflow's parser will retry it", active.version,
                         type(e).__name__, e)
+
+    def _failed(self, level: int, error: str) -> None:
+        """Log a failed poll once, not every few seconds while it keeps failing the same way."""
+        if error != self.last_error:
+            serving = (f"still serving version {self.active.version}" if self.active else
+                       "polling until it loads (/ready answers 503 until then)")
+            log.log(level, "%s; %s", error, serving)
+        self.last_error = error
 
     def _run(self) -> None:
         while not self._stop.is_set():
