@@ -333,7 +333,8 @@ def test_malformed_table_covers_every_client_error_and_checks_each_message():
 
     client_errors = {c.status_code for c in vars(errors).values() if isinstance(c, type)
                      and issubclass(c, errors.DurationError) and 400 <= c.status_code < 500}
-    assert client_errors <= {case[4] for case in MALFORMED.values()}
+    # 408 needs a slow client, not a body: tests/test_web_hardening.py sends one.
+    assert client_errors - {408} <= {case[4] for case in MALFORMED.values()}
     assert [name for name, case in MALFORMED.items() if not case[5]] == []
 
 

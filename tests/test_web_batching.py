@@ -58,7 +58,7 @@ class Recording:
 
 def holder_of(model) -> ModelHolder:
     holder = ModelHolder("models:/duration@production", 30, Metrics())
-    holder.active = Active(loaded=None, model=model, input_schema=None, version="7")
+    holder.active = Active(loaded=None, model=model, version="7")
     return holder
 
 
