@@ -183,3 +183,18 @@ def pytest_testnodedown(node, error):
     report = node.config.pluginmanager.get_plugin("terminalreporter")
     if text and report is not None:
         report.write_line("\n" + text)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny real RideDurationModel (duration = 5 + 4 * distance), fitted in milliseconds: for
+    tests of the code around a model, not of the model."""
+    import pandas as pd
+    from sklearn.linear_model import LinearRegression
+
+    from train import fit_model
+
+    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
+    df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
+    df["duration"] = 5 + 4 * df["trip_distance"]
+    return fit_model(df, LinearRegression())

@@ -9,14 +9,12 @@ import mlflow
 import pandas as pd
 import pytest
 from botocore.exceptions import ClientError
-from sklearn.linear_model import LinearRegression
 
 from serve.stream.checkpoints import Checkpoints
 from serve.stream.codec import MODEL_NAME, OutRecord, decode_data, prediction_event
 from serve.stream.core import CollectingSink, StreamService
 from serve.stream.events import kinesis_event, lowest_failure
 from serve.stream.sinks import KinesisSink, S3Sink, chunks, parse_s3_uri
-from train import fit_model
 
 ARN = "arn:aws:kinesis:us-east-2:123456789012:stream/ride_events"
 
@@ -62,12 +60,8 @@ POISON_REASONS = {
 
 
 @pytest.fixture(scope="module")
-def model():
-    """A tiny real RideDurationModel: duration = 5 + 4 * distance."""
-    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
-    df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
-    df["duration"] = 5 + 4 * df["trip_distance"]
-    return fit_model(df, LinearRegression())
+def model(tiny_model):
+    return tiny_model
 
 
 def expected_minutes(model, *rides) -> list[float]:

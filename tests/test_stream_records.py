@@ -9,9 +9,7 @@ import logging
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from sklearn.linear_model import LinearRegression
 
 from serve.stream.codec import (
     MAX_DEAD_LETTER_BYTES,
@@ -31,13 +29,8 @@ RIDE_B = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 
 
 @pytest.fixture(scope="module")
-def model():
-    from train import fit_model
-
-    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
-    df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
-    df["duration"] = 5 + 4 * df["trip_distance"]
-    return fit_model(df, LinearRegression())
+def model(tiny_model):
+    return tiny_model
 
 
 def data(ride_id, ride=RIDE_A) -> str:

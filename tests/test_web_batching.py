@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from sklearn.linear_model import LinearRegression
 
 from ops.procs import stop
 from serve.errors import QueueFull
@@ -22,18 +21,13 @@ from serve.web.batching import Batcher
 from serve.web.holder import Active, ModelHolder
 from serve.web.metrics import Metrics
 from tests.test_web import start_web
-from train import fit_model
 
 WAIT = 30  # seconds: a bound on readiness, never a measure
 
 
 @pytest.fixture(scope="module")
-def model():
-    """A tiny real RideDurationModel: duration = 5 + 4 * distance."""
-    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
-    df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
-    df["duration"] = 5 + 4 * df["trip_distance"]
-    return fit_model(df, LinearRegression())
+def model(tiny_model):
+    return tiny_model
 
 
 class Recording:
