@@ -46,6 +46,8 @@ class MalformedRequest(InvalidInput):
 
 def media_type(content_type: str | None) -> str:
     """The mime type of a Content-Type header, checked the way MLflow's scoring server does."""
+    if content_type == CONTENT_TYPE_JSON:  # what nearly every request sends: nothing to parse
+        return CONTENT_TYPE_JSON
     if not content_type:
         raise UnsupportedMediaType(f"missing Content-Type header; use one of {list(CONTENT_TYPES)}")
     mime, *pairs = (p.strip() for p in content_type.split(";"))

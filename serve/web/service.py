@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def check_finite(minutes: np.ndarray, rows) -> None:
     """InvalidInput for a ride the model answers with inf or NaN (a distance near the float
     limit): JSON has no such number, and no ride lasts that long. ``rows``: Rides or the
     decoded DataFrame, read only to word the message."""
-    if np.isfinite(minutes).all():
+    if (math.isfinite(minutes[0]) if len(minutes) == 1 else np.isfinite(minutes).all()):
         return
     row = int(np.argmin(np.isfinite(minutes)))
     try:
