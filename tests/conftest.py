@@ -121,6 +121,20 @@ def moto(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def aws(moto):
+    """The moto endpoint's fake credentials in this process's environment (per module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in moto.env.items():
+            mp.setenv(k, v)
+        yield moto
+
+
+@pytest.fixture(scope="module")
+def kinesis(aws):
+    return aws.client("kinesis")
+
+
 @pytest.fixture(scope="session")
 def postgres() -> str:
     """SQLAlchemy URL of a fresh test database owned by a fresh role (both per session, so

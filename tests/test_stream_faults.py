@@ -40,20 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- fixtures and helpers -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def aws(moto):
-    """The moto endpoint's fake credentials in this process's environment."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in moto.env.items():
-            mp.setenv(k, v)
-        yield moto
-
-
-@pytest.fixture(scope="module")
-def kinesis(aws):
-    return aws.client("kinesis")
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny real model saved as an MLflow model folder (duration = 5 + 4 * distance)."""
     from train import fit_model, model_files

@@ -40,20 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def aws(moto):
-    """The moto endpoint's fake credentials in this process's environment."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in moto.env.items():
-            mp.setenv(k, v)
-        yield moto
-
-
-@pytest.fixture(scope="module")
-def kinesis(aws):
-    return aws.client("kinesis")
-
-
-@pytest.fixture(scope="module")
 def ride_stream(kinesis, months):
     """A 2-shard input stream holding 10,000 ride events, every 100th one poison."""
     name = f"rides-{secrets.token_hex(4)}"

@@ -22,6 +22,7 @@ from serve.stream.codec import (
 )
 from serve.stream.core import CollectingSink, DeadLetterNotWritten, StreamService
 from serve.stream.sinks import KinesisSink
+from tests.test_stream import FailingSink
 
 ROOT = Path(__file__).resolve().parents[1]
 RIDE_A = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
@@ -40,16 +41,6 @@ def data(ride_id, ride=RIDE_A) -> str:
 def record(seq: str, ride_id, ride=RIDE_A) -> dict:
     return {"kinesis": {"sequenceNumber": seq, "partitionKey": str(seq),
                         "data": data(ride_id, ride)}}
-
-
-class FailingSink(CollectingSink):
-    def __init__(self, fail: set[int]):
-        super().__init__()
-        self.fail = fail
-
-    def put(self, records):
-        super().put([r for i, r in enumerate(records) if i not in self.fail])
-        return sorted(self.fail & set(range(len(records))))
 
 
 # -- item 13: ride_id is a key ------------------------------------------------------------
