@@ -27,6 +27,7 @@ from ops.stackctl.state import (
     forget_state,
     load_state,
     read_pid,
+    recorded_components,
     save_state,
     start_component,
     stop_components,
@@ -144,14 +145,13 @@ def down(paths: StackPaths, components: list[str] | None = None) -> list[str]:
     names some); returns the names of those that were running. Stopping the whole stack
     also forgets what it recorded, so the next ``up`` starts from nothing."""
     stopped = []
-    for pidfile in sorted(paths.run.glob("*.pid")) if paths.run.exists() else []:
-        component = pidfile.stem
+    for component in recorded_components(paths):
         if components and component not in components:
             continue
         pid = read_pid(paths, component)
         if pid is not None and stop(pid):
             stopped.append(component)
-        pidfile.unlink(missing_ok=True)
+        paths.pidfile(component).unlink(missing_ok=True)
     if not components:
         forget_state(paths)
     return stopped
@@ -187,7 +187,7 @@ def health(paths: StackPaths, cfg: StackSettings) -> list[tuple[str, str, bool]]
     then the registry's integrity (see :mod:`ops.stackctl.integrity`)."""
     state = load_state(paths)
     lines: list[tuple[str, str, bool]] = []
-    pids = sorted(p.stem for p in paths.run.glob("*.pid")) if paths.run.exists() else []
+    pids = recorded_components(paths)
     for component in pids:
         pid = read_pid(paths, component)
         if pid is None:

@@ -121,10 +121,9 @@ def save_state(paths: StackPaths, **entries: dict) -> None:
     write_atomic(paths.run / "stack.json", json.dumps(state, indent=1))
 
 
-def running_components(paths: StackPaths) -> list[str]:
-    """The components whose recorded process is alive."""
-    pidfiles = sorted(paths.run.glob("*.pid")) if paths.run.exists() else []
-    return [p.stem for p in pidfiles if read_pid(paths, p.stem) is not None]
+def recorded_components(paths: StackPaths) -> list[str]:
+    """The components with a pid file, alive or not (sorted by name)."""
+    return sorted(p.stem for p in paths.run.glob("*.pid")) if paths.run.exists() else []
 
 
 def forget_state(paths: StackPaths) -> None:
