@@ -212,3 +212,16 @@ def tiny_model():
     df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
     df["duration"] = 5 + 4 * df["trip_distance"]
     return fit_model(df, LinearRegression())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    """``tiny_model`` saved as an MLflow model folder, as train.py logs models."""
+    import mlflow
+
+    from train import model_files
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    example = [{"PULocationID": 43, "DOLocationID": 151, "trip_distance": 2.0}]
+    mlflow.pyfunc.save_model(d / "model", **model_files(tiny_model, d / "files", example))
+    return d / "model"

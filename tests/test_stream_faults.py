@@ -21,12 +21,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 from botocore.exceptions import ClientError
-from sklearn.linear_model import LinearRegression
 
 from ops.moto import start_moto
 from ops.procs import free_port, start, stop, wait_for
@@ -40,17 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- fixtures and helpers -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tiny_model_dir) -> Path:
     """A tiny real model saved as an MLflow model folder (duration = 5 + 4 * distance)."""
-    from train import fit_model, model_files
-
-    d = tmp_path_factory.mktemp("stream-model")
-    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
-    df = pd.DataFrame(rows, columns=["PULocationID", "DOLocationID", "trip_distance"])
-    df["duration"] = 5 + 4 * df["trip_distance"]
-    model = fit_model(df, LinearRegression())
-    mlflow.pyfunc.save_model(d / "model", **model_files(model, d / "files", df.head(3)))
-    return d / "model"
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

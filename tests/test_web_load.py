@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from ops.procs import stop, wait_for
 from tests.loadgen import OpenLoop, Summary, closed_loop_rate, post
-from tests.test_web import RIDE, start_web
+from tests.test_web import RIDE, start_web, warm_up
 from tests.test_web_hardening import metric, vm_kib
 
 pytestmark = pytest.mark.integration
@@ -60,13 +59,7 @@ def test_twice_the_capacity_is_shed_with_503_and_latency_and_memory_stay_bounded
     try:
         host, port = address(w)
         request = post("/invocations", split_body(2_000))
-        # Warm-up. A version from the version cache starts on its tables and loads MLflow's
-        # pyfunc in the background; a CSV body needs that pyfunc, so once it is answered the
-        # idle size below includes everything the service will ever load.
-        csv = requests.post(w.url + "/invocations", data=b"PULocationID,DOLocationID,"
-                            b"trip_distance\n43,151,1.8\n", headers={"Content-Type": "text/csv"},
-                            timeout=60)
-        assert csv.status_code == 200, csv.text
+        warm_up(w)  # the idle size below includes everything the service will ever load
         closed_loop_rate(host, port, request, 4, 2)
         cpu0, served0 = cpu_seconds(w.proc.pid), metric(w, "duration_http_requests_total",
                                                         endpoint="/invocations", status="200")

@@ -243,3 +243,76 @@ def test_pyarrow_is_pinned_past_cve_2023_47248_everywhere_we_install_it():
     for spec in specs:  # no vulnerable version allowed
         assert not any(spec.specifier.contains(v) for v in ("0.14.0", "13.0.0", "14.0.0")), spec
     assert Version(version("pyarrow")) >= Version("14.0.1")
+
+
+# -- the event loop never waits for MLflow's pyfunc ---------------------------------------------
+async def asgi_post(app, path: str, body: dict) -> tuple[int, dict]:
+    """One POST through the ASGI app itself (no server): status and JSON answer."""
+    data = json.dumps(body).encode()
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())]}
+    messages = [{"type": "http.request", "body": data, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_a_request_for_mlflows_parser_never_blocks_the_event_loop(tiny_model, tiny_model_dir):
+    """A version started from the version cache answers on its tables while MLflow's pyfunc is
+    still loading (seconds, behind a lock). A request only that pyfunc can parse waits for it
+    in a worker thread: requests on the fast path are answered meanwhile. (It once blocked the
+    event loop: every request behind it waited, and was shed past --max-queue-wait.)"""
+    import asyncio
+    import threading
+
+    import mlflow
+
+    from serve.registry import LoadedModel
+    from serve.web.app import create_app
+    from serve.web.holder import Active
+    from serve.web.settings import WebSettings
+
+    pyfunc = mlflow.pyfunc.load_model(str(tiny_model_dir))
+    loading, loaded = threading.Event(), threading.Event()
+
+    def load_pyfunc():  # MLflow's import and the model's load, held until the test says so
+        loading.set()
+        loaded.wait(30)
+        return pyfunc
+
+    app = create_app(WebSettings(web_max_queue_wait=30))
+    model = LoadedModel(python_model=tiny_model, load_pyfunc=load_pyfunc)
+    app.service.holder.active = Active(model, tiny_model, "7")
+    slow_body = {"dataframe_split": {"index": [0], "columns": list(RIDE),
+                                     "data": [list(RIDE.values())]}}
+    assert fast_rides(slow_body) is None  # MLflow's parser takes it
+    answered = []
+
+    async def post(path, body):
+        answer = await asgi_post(app, path, body)
+        answered.append(path)
+        return answer
+
+    async def main():
+        slow = asyncio.ensure_future(post("/invocations", slow_body))
+        assert await asyncio.to_thread(loading.wait, 30)  # it waits for the pyfunc now
+        fast = await asyncio.wait_for(post("/predict", RIDE), 10)
+        loaded.set()
+        return fast, await asyncio.wait_for(slow, 30)
+
+    try:
+        (fast_status, fast), (slow_status, slow) = asyncio.run(main())
+    finally:
+        loaded.set()
+        app.work.close()
+    assert answered == ["/predict", "/invocations"]
+    assert fast_status == 200 and fast["duration"] == pytest.approx(5 + 4 * 1.8)
+    assert slow_status == 200 and slow["predictions"] == pytest.approx([5 + 4 * 1.8])

@@ -27,7 +27,7 @@ from serve.web.limits import (
 from serve.web.metrics import Metrics
 from serve.web.openapi import openapi_json
 from serve.web.protocol import HOOKS, QUEUED_AT, HttpHooks
-from serve.web.service import Response, Scoring, Service, error_response
+from serve.web.service import Deferred, Response, Scoring, Service, error_response
 from serve.web.settings import WebSettings
 from serve.web.v2 import V2, v2_error_response
 
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # JSON bodies above this, and every CSV or parquet body, are decoded and scored in a worker
 # thread (limits.WorkQueue), so the event loop keeps reading sockets and accepting connections
 # (uvloop accepts one per loop iteration) while they are; smaller JSON bodies (the fast path,
-# at most ~0.5 ms of work) are answered on the loop at once.
+# at most ~0.5 ms of work) are answered on the loop at once, unless they need MLflow's parser
+# and pyfunc (service.Deferred), which never run on the loop.
 OFFLOAD_BYTES = 16 * 1024
 CLIENT_GONE = 499  # the status nginx logs for a client that hung up before the answer
 
@@ -129,6 +130,8 @@ class WebApp:
                     if type(response) is Scoring:
                         response = (self.service.score(response) if self.batcher is None else
                                     await self._batched(response))
+                    elif type(response) is Deferred:
+                        response = await self.work.run(scope.get(QUEUED_AT, t0), response.run)
         except DurationError as e:
             if isinstance(e, Overloaded):
                 self.service.metrics.shed.inc()

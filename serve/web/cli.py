@@ -58,8 +58,9 @@ def prepare_process(settings: WebSettings, log_level: str) -> str:
               help="Most seconds a prediction may wait for the event loop or a worker thread; "
                    "503 + Retry-After past it [env WEB_MAX_QUEUE_WAIT, default 0.5].")
 @click.option("--max-queue", type=int, default=None,
-              help="Most heavy requests (CSV, parquet, JSON over 16 KiB) running or queued for "
-                   "a worker thread; 503 + Retry-After past it [env WEB_MAX_QUEUE, default 32].")
+              help="Most heavy requests (CSV, parquet, JSON over 16 KiB or for MLflow's parser) "
+                   "running or queued for a worker thread; 503 + Retry-After past it "
+                   "[env WEB_MAX_QUEUE, default 32].")
 @click.option("--drain-timeout", type=float, default=None,
               help="Seconds requests in flight get to finish after SIGTERM, then exit 0 "
                    "[env WEB_DRAIN_TIMEOUT, default 8].")

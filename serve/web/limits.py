@@ -5,8 +5,8 @@
   too slow a :class:`~serve.errors.RequestTimeout` (the deadline is kept by
   :mod:`serve.web.protocol`);
 * :func:`check_queue_wait` sheds a request that waited too long for the event loop;
-* :class:`WorkQueue` runs heavy requests (JSON over 16 KiB, CSV, parquet) in a few worker
-  threads with a bounded queue and a bounded wait.
+* :class:`WorkQueue` runs heavy requests (JSON over 16 KiB or for MLflow's parser, CSV,
+  parquet) in a few worker threads with a bounded queue and a bounded wait.
 
 Shedding is an :class:`~serve.errors.Overloaded` error: 503 with ``Retry-After``, raised
 before any work is done on the request, so the latency of the requests that are served stays

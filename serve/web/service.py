@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -70,6 +71,15 @@ class Scoring:
     endpoint: str
     rides: Rides
     answer: Callable[[Active, np.ndarray], bytes]  # the 200 body; may raise a DurationError
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """The rest of a request that must never run on the event loop: MLflow's parser and
+    pyfunc, which may still be loading behind a lock (seconds) when a version started from the
+    version cache; the app runs ``run()`` in a worker thread."""
+
+    run: Callable[[], Response]
 
 
 def _one_duration(active: Active, minutes: np.ndarray) -> bytes:
@@ -166,6 +176,8 @@ class Service:
     def respond(self, handler: Callable, body: bytes, content_type: str | None) -> Response:
         """Run an endpoint to the end, predicting inline (for bodies scored off the event loop)."""
         out = handler(body, content_type)
+        if isinstance(out, Deferred):
+            return out.run()
         return self.score(out) if isinstance(out, Scoring) else out
 
     def predict(self, body: bytes, content_type: str | None) -> Scoring:
@@ -177,7 +189,7 @@ class Service:
         self.holder.require()  # 503 before the first load, after the 4xx checks
         return Scoring("/predict", rides, _many_durations if many else _one_duration)
 
-    def invocations(self, body: bytes, content_type: str | None) -> Response | Scoring:
+    def invocations(self, body: bytes, content_type: str | None) -> Scoring | Deferred:
         """``POST /invocations``: the MLflow scoring protocol, same bytes as MLflow on success."""
         mime = media_type(content_type)
         payload = decode_json(body) if mime == CONTENT_TYPE_JSON else body
@@ -187,6 +199,10 @@ class Service:
             self._check_rows(len(rides))
             return Scoring("/invocations", rides, _mlflow_predictions)
         # Everything else takes MLflow's own parser and the pyfunc model, never batched.
+        return Deferred(partial(self._mlflow_invocations, active, payload, mime))
+
+    def _mlflow_invocations(self, active: Active, payload, mime: str) -> Response:
+        """The slow path of /invocations, in a worker thread: MLflow's parser and pyfunc."""
         data = mlflow_rows(payload, mime, active.input_schema, self.settings.web_max_rows)
         if np.ndim(data) == 0:  # e.g. {"inputs": false}: MLflow decodes it to a scalar
             value = data.item() if isinstance(data, np.generic) else data

@@ -22,8 +22,9 @@ class WebSettings(Settings):
         0.5, description="Most seconds a prediction may wait for the event loop or a worker "
                          "thread before work starts on it (503 + Retry-After past it).")
     web_max_queue: int = Field(
-        32, description="Most heavy requests (CSV, parquet, JSON over 16 KiB) running or "
-                        "waiting for a worker thread (503 + Retry-After past it).")
+        32, description="Most heavy requests (CSV, parquet, JSON over 16 KiB or for MLflow's "
+                        "parser) running or waiting for a worker thread (503 + Retry-After "
+                        "past it).")
     web_drain_timeout: float = Field(
         8.0, description="Seconds requests in flight get to finish after SIGTERM (docker stop "
                          "waits 10 s before SIGKILL).")
