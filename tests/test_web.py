@@ -121,6 +121,9 @@ def test_version_names_the_registered_model(web, registered_model):
     assert (v["name"], v["version"], v["run_id"]) == ("duration", registered_model["version"],
                                                      registered_model["run_id"])
     assert v["pinned_uri"] == "models:/duration/1" and v["loaded_at"]
+    import mlflow
+
+    assert v["mlflow_version"] == mlflow.__version__
 
 
 def test_predict_one_ride_matches_the_registered_model(web, registered_model):

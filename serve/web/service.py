@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import version as distribution_version
 
 import numpy as np
 
@@ -150,6 +151,9 @@ class Service:
         self.settings = settings
         self.predlog = predlog
         self._version_counters: dict[str, object] = {}
+        # Read once here: `import mlflow` on the event loop would wait for a background load
+        # of MLflow (seconds) or do it itself.
+        self._mlflow_version = distribution_version("mlflow")
 
     def _record(self, endpoint: str, active: Active, rides: Rides | None,
                 minutes: np.ndarray) -> None:
@@ -250,14 +254,13 @@ class Service:
 
     def version(self) -> Response:
         """Which model answers: name, version, run id, URIs, when it was loaded."""
-        import mlflow
-
         active = self.holder.require()
         ref = active.loaded.ref
         return Response(200, json.dumps({
             "model_uri": ref.uri, "pinned_uri": ref.pinned_uri, "name": ref.name,
             "version": active.version, "run_id": ref.run_id,
-            "loaded_at": active.loaded.loaded_at.isoformat(), "mlflow_version": mlflow.__version__,
+            "loaded_at": active.loaded.loaded_at.isoformat(),
+            "mlflow_version": self._mlflow_version,
         }).encode())
 
     def metrics_page(self) -> Response:
