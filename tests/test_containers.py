@@ -157,6 +157,9 @@ def test_web_image_answers_like_the_in_process_service(web_container, tracking_s
     url = web_container.url
     assert requests.get(url + "/health", timeout=10).status_code == 200
     assert requests.get(url + "/ready", timeout=10).status_code == 200
+    pinned = re.search(r"^mlflow-skinny==(\S+)", (ROOT / "serve/requirements-model.txt")
+                       .read_text(), re.M).group(1)  # the image has mlflow-skinny, not mlflow
+    assert requests.get(url + "/version", timeout=10).json()["mlflow_version"] == pinned
     expected = in_process(WEB_REQUESTS, tracking_server.uri)
     got = []
     for method, path, body, ctype in WEB_REQUESTS:

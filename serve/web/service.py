@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 
 import numpy as np
@@ -141,6 +142,17 @@ def _frame_rides(data) -> Rides | None:
         return None
 
 
+def _mlflow_version() -> str:
+    """MLflow's version without importing it: full ``mlflow`` here, ``mlflow-skinny`` in the
+    images."""
+    for distribution in ("mlflow", "mlflow-skinny"):
+        try:
+            return distribution_version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 class Service:
     """The endpoints as plain functions of (body, content type) -> Response: no ASGI in here."""
 
@@ -153,7 +165,7 @@ class Service:
         self._version_counters: dict[str, object] = {}
         # Read once here: `import mlflow` on the event loop would wait for a background load
         # of MLflow (seconds) or do it itself.
-        self._mlflow_version = distribution_version("mlflow")
+        self._mlflow_version = _mlflow_version()
 
     def _record(self, endpoint: str, active: Active, rides: Rides | None,
                 minutes: np.ndarray) -> None:
