@@ -53,18 +53,26 @@ class Web:
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+SHEDDING_OFF = 30  # seconds of --max-queue-wait: longer than any stall of a busy machine
+
+
 def start_web(home: Path, model_uri: str, tracking_uri: str, *args: str,
               ready: bool = True, env: dict | None = None) -> Web:
     """Start the service on a free port and wait until it is alive (and ready, if asked);
-    ``env``: more environment variables (settings such as ``WEB_REQUEST_TIMEOUT``)."""
+    ``env``: more environment variables (settings such as ``WEB_REQUEST_TIMEOUT``).
+
+    Load shedding is off the path (``WEB_MAX_QUEUE_WAIT=30``, not 0.5) unless ``env`` or the
+    arguments set it: these tests check what the service answers, and a CI machine building
+    images meanwhile can stall a process for seconds. test_web_load tests the shedding."""
     port = free_port()
+    env = {"WEB_MAX_QUEUE_WAIT": str(SHEDDING_OFF), **(env or {})}
     log = home / f"web-{port}.log"
     cmd = [sys.executable, "-m", "serve.web", "--model-uri", model_uri, "--port", str(port), *args]
     url = f"http://127.0.0.1:{port}"
     try:
         proc = spawn(cmd, log, http_ok(url + ("/ready" if ready else "/health")), "serve.web",
                      timeout=90, cwd=ROOT,
-                     env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(env or {})))
+                     env=dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **env))
     except Exception as e:
         raise AssertionError(f"serve.web did not start; log:\n{log.read_text()[-3000:]}") from e
     return Web(url, proc, log)

@@ -193,13 +193,10 @@ def minutes_of(path: str, body: dict) -> list[float]:
 @pytest.fixture(scope="module")
 def batched_web(registered_model, tracking_server, tmp_path_factory):
     home = tmp_path_factory.mktemp("web-batched")
-    # What batching answers is tested here, not how fast: load shedding (the 0.5 s default of
-    # --max-queue-wait, tested in test_web_load) is pushed out of the way, on a CI machine that
-    # may be building images meanwhile. (A 4.8 s stall was shed here once: a request for MLflow's
-    # parser held the event loop while the pyfunc loaded; test_web_unit covers that fix.)
+    # A 4.8 s stall was shed here once (before start_web turned shedding off): a request for
+    # MLflow's parser held the event loop while the pyfunc loaded; test_web_unit covers that.
     w = start_web(home, "models:/duration@production", tracking_server.uri,
-                  "--max-batch-size", "32", "--max-batch-delay-ms", "20",
-                  "--max-queue-wait", str(WAIT))
+                  "--max-batch-size", "32", "--max-batch-delay-ms", "20")
     warm_up(w)
     yield w
     stop(w.proc.pid)

@@ -66,9 +66,12 @@ def test_two_workers_two_sockets_restart_and_stop(registered_model, tracking_ser
                                 (("endpoint", "/invocations"), ("status", "200"))), 0))
             return seen
 
-        seen = wait_for(lambda: len(counts()) == 2 and counts(), "answers from both workers",
-                        timeout=60)
-        assert sum(seen) == 40 and 0 not in seen
+        def both(seen: set[float]) -> bool:
+            # Each worker's count, from /metrics scrapes that land on either; {20}: a tie
+            # (both served 20, which happens in 1 run of 8), since one worker's 40 shows as 40.
+            return (len(seen) == 2 and sum(seen) == 40 and 0 not in seen) or seen == {20}
+
+        wait_for(lambda: both(counts()), "answers from both workers", timeout=60)
 
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
