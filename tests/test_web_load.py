@@ -106,14 +106,12 @@ def test_twice_the_capacity_is_shed_with_503_and_latency_and_memory_stay_bounded
     # Shedding is cheap: the server's CPU still went mostly to answering (whatever CPU share
     # this busy machine gave it), and what it served was served in bounded time.
     assert len(overload.ok()) / overload_cpu >= 0.5 * per_core
-    # Latency counts from when a request was due; the load generator's own lag on this busy
-    # machine (printed above) is not the service's.
-    assert overload.p(99) < MAX_QUEUE_WAIT + 1.5 + lag
+    assert overload.p(99) < MAX_QUEUE_WAIT + 1.5
     assert peak - idle < 100 * 1024
     # Back to normal once the load dropped (how soon is printed above): nothing shed any more.
     assert set(Summary(after).by_status) <= {200, 503}
     assert recovery < RECOVERED_WITHIN
-    assert Summary(after).p(99) < MAX_QUEUE_WAIT + 1.5 + lag
+    assert Summary(after).p(99) < MAX_QUEUE_WAIT + 1.5
 
 
 def trickled_predict(sock: socket.socket, distance: float) -> bytes:
@@ -165,7 +163,7 @@ def test_sigterm_under_load_answers_what_it_accepted_refuses_the_rest_and_exits_
                  interval=0.02)
         refused_after = time.monotonic() - sigterm
         t = time.monotonic()
-        assert all(refused(host, port) for _ in range(5)) and time.monotonic() - t < 5.0
+        assert all(refused(host, port) for _ in range(5)) and time.monotonic() - t < 1.0
         in_flight.sendall(rest)
         status, _, answer = read_answer(in_flight)
         rc = w.proc.wait(drain + 5)
@@ -174,19 +172,15 @@ def test_sigterm_under_load_answers_what_it_accepted_refuses_the_rest_and_exits_
         stop(w.proc.pid)
     shots = load.join()
 
-    # A request written on an idle keep-alive connection just before SIGTERM may still sit
-    # unread in the kernel when uvicorn closes idle connections: its client sees the connection
-    # closed with no answer (as after SIGTERM), never a wrong one. So the last second before
-    # SIGTERM counts with "after"; that nothing the service read was lost is the last assert.
-    before = [s for s in shots if s.sent and s.sent < sigterm - 1.0]
-    after = [s for s in shots if not s.sent or s.sent >= sigterm - 1.0]
+    before = [s for s in shots if s.sent and s.sent < sigterm]
+    after = [s for s in shots if not s.sent or s.sent >= sigterm]
     logged = {json.loads(line)["trip_distance"] for line in plog.read_text().splitlines()}
     answered = {i / 1000 for i, s in enumerate(shots) if s.status == 200}
     kinds = Summary(after).by_status
     errors = sorted({s.error.split(":")[0] for s in after if s.status == 0})
     print(f"\nSIGTERM after {len(before)} requests: new connections refused after "
           f"{refused_after * 1e3:.0f} ms, in-flight request answered {status}, exit {rc} "
-          f"{exited_after:.2f} s after SIGTERM; requests sent from 1 s before: {kinds} "
+          f"{exited_after:.2f} s after SIGTERM; requests sent after SIGTERM: {kinds} "
           f"({', '.join(errors) or 'no errors'}); {len(logged)} predictions logged, "
           f"{len(answered)} answered 200")
 
