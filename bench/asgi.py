@@ -11,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import click
-import pandas as pd
 from common import ROOT, load_line
-from sklearn.linear_model import LinearRegression
 
+from ops.synth import write_month
 from serve.registry import LoadedModel, ModelRef
+from serve.tlc import read_training_frame
 from serve.web.app import create_app
 from serve.web.holder import Active
 from serve.web.settings import WebSettings
 
 sys.path.insert(0, str(ROOT))  # train.py is a script at the top of the repository
-from train import fit_model  # noqa: E402
+from train import build_estimator, fit_model  # noqa: E402
 
 RIDE = {"PULocationID": 43, "DOLocationID": 151, "trip_distance": 1.8}
 V2_TYPES = {"PULocationID": "INT64", "DOLocationID": "INT64", "trip_distance": "FP64"}
@@ -36,13 +38,12 @@ REQUESTS = {
 }
 
 
-def linear_model():
-    """A real RideDurationModel (the linear kind train.py registers by default), fitted on a
-    few rides: the model's cost is the same per ride whatever it was trained on."""
-    rows = [(130, 205, 1.0), (130, 205, 3.0), (43, 151, 2.0), (43, 151, 5.0), (1, 2, 0.5)]
-    df = pd.DataFrame(rows, columns=list(RIDE))
-    df["duration"] = 5 + 4 * df["trip_distance"]
-    return fit_model(df, LinearRegression())
+def linear_model(rows: int):
+    """The linear model ``python train.py`` registers by default, fitted the same way on a
+    synthetic month of ``rows`` rides (as bench/stream.py does)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        month = write_month("green", "2021-01", rows, Path(tmp) / "train.parquet", 0)
+        return fit_model(read_training_frame(str(month)), build_estimator("lr", 0, 0, 0))
 
 
 def app_serving(model):
@@ -87,9 +88,11 @@ async def per_request(app, path: str, body: bytes, calls: int, rounds: int) -> f
 @click.command()
 @click.option("--calls", default=5_000, show_default=True, help="Requests per round.")
 @click.option("--rounds", default=5, show_default=True, help="Rounds per endpoint (best kept).")
-def main(calls: int, rounds: int) -> None:
+@click.option("--train-rows", default=60_000, show_default=True,
+              help="Rows of the synthetic training month.")
+def main(calls: int, rounds: int, train_rows: int) -> None:
     """Microseconds per one-ride request through the ASGI app, per endpoint."""
-    app = app_serving(linear_model())
+    app = app_serving(linear_model(train_rows))
 
     async def run() -> dict[str, float]:
         return {path: await per_request(app, path, json.dumps(body).encode(), calls, rounds)
@@ -97,8 +100,8 @@ def main(calls: int, rounds: int) -> None:
 
     took = asyncio.run(run())
     app.work.close()
-    print(f"one-ride requests through the ASGI app in process, linear model, best of {rounds} "
-          f"x {calls:,} calls")
+    print(f"one-ride requests through the ASGI app in process, linear model trained on "
+          f"{train_rows:,} synthetic rides, best of {rounds} x {calls:,} calls")
     for path, seconds in took.items():
         print(f"  {path:<28} {seconds * 1e6:6.1f} µs/request")
     v2, inv = took["/v2/models/duration/infer"], took["/invocations"]
